@@ -1,0 +1,121 @@
+"""The K2 decoder: embeddings, `first_k_dense_replace` dense layers, MoE layers, final norm, LM head.
+
+Layers of each kind are stored stacked along a leading `layers` axis and run with
+`jax.lax.scan`, so compile time does not grow with depth and the pipeline can slice stages
+out of the stack.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from k25.model.config import K2Config
+from k25.model.layers import Embed, Linear, RMSNorm, SwiGLU
+from k25.model.mla import MLA, attention_mask
+from k25.model.moe import MoE
+from k25.model.rope import rope_cos_sin
+
+
+@struct.dataclass
+class DecoderOutput:
+    logits: jnp.ndarray  # (batch, seq, vocab) float32
+    max_attn_logits: jnp.ndarray  # (num_hidden_layers, heads): max pre-softmax logit, for QK-Clip
+    expert_counts: jnp.ndarray  # (num_moe_layers, n_routed_experts): assignments per expert this pass
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)); x + ffn(norm(x)), ffn dense SwiGLU or MoE."""
+
+    def __init__(self, cfg: K2Config, *, moe: bool, rngs: nnx.Rngs):
+        nkw = dict(eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, **nkw)
+        self.self_attn = MLA(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **nkw)
+        self.is_moe = moe
+        if moe:
+            self.mlp = MoE(cfg, rngs=rngs)
+        else:
+            self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype=cfg.compute_dtype,
+                              param_dtype=cfg.weight_dtype, std=cfg.initializer_range, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask):
+        attn, max_logit = self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        x = x + attn
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            ffn, counts = self.mlp(h)
+        else:
+            ffn, counts = self.mlp(h), jnp.zeros((0,), jnp.float32)
+        return x + ffn, (max_logit, counts)
+
+
+def stacked(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
+    """n independently initialised copies of a module, parameters stacked on a leading `layers` axis."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(r: nnx.Rngs) -> nnx.Module:
+        return make(r)
+
+    return create(rngs)
+
+
+def scan_layers(stack: nnx.Module, x: jnp.ndarray, *args, remat: Callable | None = None):
+    """Run a stacked module layer by layer with lax.scan; returns (x, stacked per-layer aux)."""
+    graphdef, state = nnx.split(stack)
+
+    def body(h, layer_state):
+        return nnx.merge(graphdef, layer_state)(h, *args)
+
+    if remat is not None:
+        body = remat(body)
+    return jax.lax.scan(body, x, state)
+
+
+class K2Model(nnx.Module):
+    def __init__(self, cfg: K2Config, *, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, std=cfg.initializer_range, rngs=rngs)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.dense_layers = (stacked(cfg.first_k_dense_replace, lambda r: DecoderLayer(cfg, moe=False, rngs=r), rngs)
+                             if cfg.first_k_dense_replace else None)
+        self.moe_layers = (stacked(cfg.num_moe_layers, lambda r: DecoderLayer(cfg, moe=True, rngs=r), rngs)
+                           if cfg.num_moe_layers else None)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype,
+                            param_dtype=cfg.weight_dtype, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), **kw)
+
+    def embed(self, input_ids: jnp.ndarray) -> jnp.ndarray:
+        return self.embed_tokens(input_ids)
+
+    def __call__(self, input_ids: jnp.ndarray | None = None, *, inputs_embeds: jnp.ndarray | None = None,
+                 positions: jnp.ndarray | None = None, segment_ids: jnp.ndarray | None = None) -> DecoderOutput:
+        """input_ids (b, s) int32 (or inputs_embeds (b, s, d)); positions/segment_ids (b, s) for packed rows."""
+        cfg = self.cfg
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(cfg.compute_dtype)
+        b, s = h.shape[:2]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, s), jnp.int32)
+        cos, sin = rope_cos_sin(positions, cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
+        mask = attention_mask(segment_ids)
+        max_logits, counts = [], jnp.zeros((0, cfg.n_routed_experts), jnp.float32)
+        if self.dense_layers is not None:
+            h, (ml, _) = scan_layers(self.dense_layers, h, cos, sin, mask)
+            max_logits.append(ml)
+        if self.moe_layers is not None:
+            h, (ml, counts) = scan_layers(self.moe_layers, h, cos, sin, mask)
+            max_logits.append(ml)
+        return DecoderOutput(logits=self.logits(self.norm(h)), max_attn_logits=jnp.concatenate(max_logits, 0),
+                             expert_counts=counts)
+
+    def logits(self, h: jnp.ndarray) -> jnp.ndarray:
+        out = self.embed_tokens.attend(h) if self.cfg.tie_word_embeddings else self.lm_head(h)
+        return out.astype(jnp.float32)

@@ -1,0 +1,36 @@
+"""k25: a JAX/Flax reproduction of the Kimi K2.5 training system."""
+
+from setuptools import find_packages, setup
+
+HF = [
+    "torch==2.13.0",  # CPU build; a newer or unpinned torch pulls several GB of CUDA wheels
+    "transformers>=5.23",
+    "safetensors>=0.4",
+]
+
+setup(
+    name="k25",
+    version="0.1.0",
+    description="Kimi K2.5 training system in JAX/Flax: MLA+MoE, MoonViT-3D, MuonClip, PP/EP/ZeRO-1",
+    packages=find_packages(include=["k25", "k25.*", "experiments", "experiments.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.12",
+        "optax>=0.2.6",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "ml-collections>=1.0",
+        "chex>=0.1.90",
+        "absl-py>=2.1",
+        "numpy",
+        "tqdm",
+        "tensorboardX",
+        "pyarrow",
+        "array-record",
+    ],
+    extras_require={
+        "hf": HF,
+        "test": HF + ["pytest>=8", "pytest-xdist", "ruff"],
+    },
+)
