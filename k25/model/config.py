@@ -59,6 +59,8 @@ class K2Config:
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 2.827
     bias_update_rate: float = 1e-3  # aux-loss-free balancing step; 0 turns the bias update off
+    grouped_gemm: str = "auto"  # expert compute: "ragged_dot", "blocked" (fast on CPU) or "auto" (by backend)
+    moe_block_size: int = 128  # rows per block of the "blocked" grouped GEMM
     # positions / norms
     rope_theta: float = 50000.0
     rope_scaling: RopeScaling = dataclasses.field(
@@ -133,6 +135,9 @@ class K2Config:
                      f"{self.num_experts_per_tok}: the chosen groups cannot hold top-k experts; raise topk_group.")
             need(self.n_shared_experts >= 0, f"n_shared_experts={self.n_shared_experts} must be >= 0.")
             need(self.moe_intermediate_size > 0, "moe_intermediate_size must be positive.")
+            need(self.grouped_gemm in ("auto", "ragged_dot", "blocked"),
+                 f"grouped_gemm={self.grouped_gemm!r} must be 'auto', 'ragged_dot' or 'blocked'.")
+            need(self.moe_block_size > 0, f"moe_block_size={self.moe_block_size} must be positive.")
             need(self.bias_update_rate >= 0, f"bias_update_rate={self.bias_update_rate} must be >= 0 (0 = off).")
         if self.first_k_dense_replace > 0:
             need(self.intermediate_size > 0, "intermediate_size must be positive when there are dense layers.")

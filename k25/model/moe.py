@@ -6,8 +6,8 @@ the top-k experts inside them); the combine weights are the *unbiased* scores of
 experts, optionally renormalised, times routed_scaling_factor.
 
 Expert compute is dropless: the (token, expert) assignments are sorted by expert and run as
-one grouped GEMM with `jax.lax.ragged_dot`. `moe_looped_reference` is a plain per-token loop
-kept only for tests.
+one grouped GEMM (`jax.lax.ragged_dot`, or a blocked form on CPU: see grouped_gemm.py).
+`moe_looped_reference` is a plain per-token loop kept only for tests.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from k25.model.config import K2Config
+from k25.model.grouped_gemm import grouped_swiglu
 from k25.model.layers import SwiGLU, param
 
 
@@ -49,17 +50,9 @@ def expert_counts(idx: jnp.ndarray, num_experts: int) -> jnp.ndarray:
     return jnp.zeros((num_experts,), jnp.float32).at[idx.reshape(-1)].add(1.0)
 
 
-def grouped_swiglu(x_sorted: jnp.ndarray, group_sizes: jnp.ndarray, w_gate: jnp.ndarray, w_up: jnp.ndarray,
-                   w_down: jnp.ndarray) -> jnp.ndarray:
-    """SwiGLU of rows already sorted by expert; group_sizes[e] rows belong to expert e. Weights (E, in, out)."""
-    dt = x_sorted.dtype
-    h = jax.lax.ragged_dot(x_sorted, w_gate.astype(dt), group_sizes)
-    u = jax.lax.ragged_dot(x_sorted, w_up.astype(dt), group_sizes)
-    return jax.lax.ragged_dot(jax.nn.silu(h) * u, w_down.astype(dt), group_sizes)
-
-
 def dispatch_compute_combine(x: jnp.ndarray, weights: jnp.ndarray, idx: jnp.ndarray, w_gate: jnp.ndarray,
-                             w_up: jnp.ndarray, w_down: jnp.ndarray) -> jnp.ndarray:
+                             w_up: jnp.ndarray, w_down: jnp.ndarray, impl: str = "auto", block: int = 128
+                             ) -> jnp.ndarray:
     """Dropless routed-expert output for x (T, D) with top-k (weights, idx) (T, k)."""
     T, k = idx.shape
     E = w_gate.shape[0]
@@ -67,7 +60,7 @@ def dispatch_compute_combine(x: jnp.ndarray, weights: jnp.ndarray, idx: jnp.ndar
     order = jnp.argsort(flat, stable=True)
     token = order // k
     group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-    y = grouped_swiglu(x[token], group_sizes, w_gate, w_up, w_down)
+    y = grouped_swiglu(x[token], group_sizes, w_gate, w_up, w_down, impl, block)
     y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
     return jnp.zeros_like(x).at[token].add(y)
 
@@ -103,7 +96,8 @@ class MoE(nnx.Module):
         logits = jnp.dot(xt.astype(jnp.float32), self.router[...].astype(jnp.float32))
         weights, idx = route(logits, self.bias[...], cfg)
         e = self.experts
-        out = dispatch_compute_combine(xt, weights, idx, e.gate_proj[...], e.up_proj[...], e.down_proj[...])
+        out = dispatch_compute_combine(xt, weights, idx, e.gate_proj[...], e.up_proj[...], e.down_proj[...],
+                                       cfg.grouped_gemm, cfg.moe_block_size)
         if cfg.n_shared_experts > 0:
             out = out + self.shared_experts(xt)
         return out.reshape(shape), jax.lax.stop_gradient(expert_counts(idx, cfg.n_routed_experts))

@@ -1,0 +1,217 @@
+"""MuonClip (Kimi K2): Muon with Moonlight's consistent-RMS scaling on every matrix, AdamW elsewhere, plus QK-Clip.
+
+Parameter split (`label_params`), decided from the parameter paths and shapes, never from optax's default
+2-D rule (which would send the embedding to Muon, leave the 3-D/4-D stacked kernels to Adam and use NAdamW):
+
+* "muon": every weight matrix, i.e. every leaf whose *logical* rank is >= 2, where the leading `layers` axis of
+  a stacked layer (a path through `dense_layers` / `moe_layers` / any key ending in "layers") does not count:
+  the attention and MLP kernels (L, in, out), the router (L, D, E) and the routed experts (L, E, in, out).
+  Newton-Schulz orthogonalises the last two axes (reduction = ndim-2, output = ndim-1); all leading axes
+  (layers, experts) are batch, so each layer/expert matrix is orthogonalised on its own.
+* "adamw": the token embedding, the LM head (Moonlight keeps both on AdamW: they are lookup tables / a
+  classifier, not hidden linear maps), any other embedding table (a leaf whose name contains "embedding", e.g.
+  MoonViT's position_embeddings), norm scales, biases and every other logical vector, with plain
+  (non-Nesterov) AdamW at the same learning rate and weight decay.
+Paths are matched by suffix, so the K2.5 tree (`language_model/...`, `vision_tower/...`) is labelled the same way.
+
+The routing correction bias (`ExpertBias`) is not an `nnx.Param`, so it is absent from
+`nnx.to_pure_dict(nnx.state(model, nnx.Param))`; `label_params` refuses a tree that contains it.
+
+Muon update per matrix W (A x B = fan_in x fan_out):
+    W <- W - lr * (rms_scale * sqrt(max(A, B)) * NS5(nesterov_momentum(G)) + weight_decay * W)
+Moonlight's "consistent RMS" factor 0.2*sqrt(max(A, B)) makes the update RMS match AdamW's (~0.2), so both
+groups can share one learning rate and weight decay. optax 0.2.8 implements exactly this factor as
+`consistent_rms`, but only inside `optax.contrib.muon` (whose non-Muon branch is a NAdamW tied to Muon's
+`nesterov` flag) or the private `optax.contrib._muon.scale_by_shape`; so we apply the same one-line scale here
+(`scale_by_consistent_rms`) on top of the public `optax.contrib.scale_by_muon`. The tests check the Muon branch
+against `optax.contrib.muon(consistent_rms=...)` leaf for leaf.
+
+QK-Clip (`qk_clip`) runs on the weights *after* the optimizer step: for every head whose max pre-softmax logit
+S of the last forward exceeds tau, it rescales that head's query/key weights by gamma = tau / S so that the same
+input would give max logit tau: q_nope and k_nope columns by sqrt(gamma), q_rope columns by gamma. The rope key
+is shared by all heads (kv_a_proj_with_mqa), so it is never touched; V columns are never touched.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax.contrib import MuonDimensionNumbers, scale_by_muon
+
+from k25.model.config import K2Config
+
+MUON = "muon"
+ADAMW = "adamw"
+# Full-rank leaves that still belong to AdamW: the input embedding table and the output classifier.
+ADAMW_PATHS = ("embed_tokens/embedding", "lm_head/kernel")
+# Leaf names that are vectors however they are stacked.
+ADAMW_LEAF_NAMES = ("scale", "bias")
+STACKS = ("dense_layers", "moe_layers")  # decoder stacks in layer order (see k25.model.decoder.K2Model)
+
+
+# ----------------------------------------------------------------------------------------------- labels
+def _key_name(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _path_str(path: tuple[Any, ...]) -> str:
+    return "/".join(_key_name(k) for k in path)
+
+
+def _is_stacked(parts: list[str]) -> bool:
+    """True when the leaf lives in a layer stack, whose leading axis is `layers` (not a matrix axis)."""
+    return any(p.endswith("layers") for p in parts[:-1])
+
+
+def _label(path: tuple[Any, ...], x: Any) -> str:
+    name = _path_str(path)
+    parts = name.split("/")
+    if name.endswith("mlp/bias"):
+        raise ValueError(f"label_params: {name!r} looks like the MoE routing bias (ExpertBias); it is updated by "
+                         "the balancing rule, not the optimizer. Pass nnx.to_pure_dict(nnx.state(model, nnx.Param)).")
+    logical_ndim = len(x.shape) - (1 if _is_stacked(parts) else 0)
+    if (any(name == p or name.endswith("/" + p) for p in ADAMW_PATHS) or parts[-1] in ADAMW_LEAF_NAMES
+            or "embedding" in parts[-1] or logical_ndim < 2):
+        return ADAMW
+    return MUON
+
+
+def label_params(params: Any) -> Any:
+    """Pytree of "muon" / "adamw", one per leaf of `params` (arrays or anything with `.shape`)."""
+    return jax.tree_util.tree_map_with_path(_label, params)
+
+
+def _muon_dim_numbers(updates: Any) -> Any:
+    """Orthogonalise over the last two axes; every leading axis (layers, experts) is a batch axis."""
+    return jax.tree.map(lambda u: MuonDimensionNumbers(reduction_axis=u.ndim - 2, output_axis=u.ndim - 1), updates)
+
+
+# -------------------------------------------------------------------------------------------- transforms
+def scale_by_consistent_rms(rms_scale: float = 0.2) -> optax.GradientTransformation:
+    """Moonlight's consistent-RMS factor rms_scale*sqrt(max(A, B)) on the last two axes (A, B) of each update.
+
+    An orthogonalised A x B matrix has RMS 1/sqrt(max(A, B)), so this gives every matrix update RMS ~rms_scale,
+    matching AdamW's typical update RMS; equal to optax's `consistent_rms` for our dimension numbers.
+    """
+
+    def update_fn(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, optax.EmptyState]:
+        del params
+        scaled = jax.tree.map(lambda u: u * (rms_scale * math.sqrt(max(u.shape[-2], u.shape[-1]))), updates)
+        return scaled, state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def adamw(params: Any = None, *, learning_rate: optax.ScalarOrSchedule, weight_decay: float = 0.1,
+          b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8) -> optax.GradientTransformation:
+    """Plain (non-Nesterov) AdamW on every parameter: the baseline MuonClip is benchmarked against.
+
+    `params` is unused (kept so both optimizers are built the same way).
+    """
+    del params
+    return optax.adamw(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                       nesterov=False)
+
+
+def muon_clip(params: Any, *, learning_rate: optax.ScalarOrSchedule, weight_decay: float = 0.1, b1: float = 0.9,
+              b2: float = 0.95, eps: float = 1e-8, muon_momentum: float = 0.95, nesterov: bool = True,
+              ns_steps: int = 5, rms_scale: float = 0.2) -> optax.GradientTransformation:
+    """The MuonClip optimizer update (QK-Clip itself is `qk_clip`, applied to the weights after this update).
+
+    `params`: the pure param dict (or its shapes) the optimizer will be used on; the Muon/AdamW labels are
+    computed from it once, so `init`/`update` must receive trees of the same structure, and `update` needs
+    `params` (for the weight decay).
+    Muon leaves: Nesterov momentum -> Newton-Schulz (ns_steps, optax's quintic coefficients) per matrix ->
+    consistent-RMS scale -> decoupled weight decay -> -lr. AdamW leaves: optax.adamw(b1, b2, eps, weight_decay).
+    """
+    labels = label_params(params)
+    muon_branch = optax.chain(
+        scale_by_muon(ns_steps=ns_steps, beta=muon_momentum, eps=eps, nesterov=nesterov,
+                      weight_dimension_numbers=_muon_dim_numbers),
+        scale_by_consistent_rms(rms_scale),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+    adamw_branch = adamw(learning_rate=learning_rate, weight_decay=weight_decay, b1=b1, b2=b2, eps=eps)
+    return optax.partition({MUON: muon_branch, ADAMW: adamw_branch}, labels)
+
+
+# ---------------------------------------------------------------------------------------------- NS FLOPs
+def ns_flops(params_shapes: Any, ns_steps: int = 5) -> int:
+    """Matmul FLOPs of the Newton-Schulz iterations of one Muon step, from shapes only.
+
+    Per matrix with smaller dim m and larger dim n (optax transposes so X is m x n), one quintic iteration
+    computes A = X X^T (2 m^2 n), A A (2 m^3) and (b A + c A A) X (2 m^2 n); elementwise terms are ignored.
+    Every batched matrix (layer, expert) counts once. `params_shapes`: arrays or jax.ShapeDtypeStruct leaves.
+    """
+    total = 0
+    for label, x in zip(jax.tree.leaves(label_params(params_shapes)), jax.tree.leaves(params_shapes), strict=True):
+        if label != MUON:
+            continue
+        shape = tuple(x.shape)
+        batch = math.prod(shape[:-2])
+        m, n = sorted(shape[-2:])
+        total += batch * ns_steps * (4 * m * m * n + 2 * m ** 3)
+    return int(total)
+
+
+# ----------------------------------------------------------------------------------------------- QK-Clip
+def _clip_stack(layer: dict[str, Any], s: jnp.ndarray, cfg: K2Config, tau: float | jnp.ndarray
+                ) -> tuple[dict[str, Any], jnp.ndarray]:
+    """QK-Clip one layer stack given its max logits s (L, H); returns (new stack dict, clipped mask (L, H))."""
+    H, dn, dr, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    s = s.astype(jnp.float32)
+    clipped = s > tau
+    gamma = jnp.where(clipped, tau / jnp.where(clipped, s, 1.0), 1.0)  # (L, H); 1 where not clipped
+    root = jnp.sqrt(gamma)
+    L = s.shape[0]
+
+    def per_column(parts: list[tuple[jnp.ndarray, int]]) -> jnp.ndarray:
+        """(L, 1, H * sum(widths)) column factors: for each head, each factor repeated over its width."""
+        cols = [jnp.broadcast_to(f[:, :, None], (L, H, w)) for f, w in parts]
+        return jnp.concatenate(cols, axis=-1).reshape(L, 1, -1)
+
+    attn = dict(layer["self_attn"])
+    q_name = "q_b_proj" if cfg.q_lora_rank > 0 else "q_proj"
+    q_scale = per_column([(root, dn), (gamma, dr)])
+    kv_scale = per_column([(root, dn), (jnp.ones_like(gamma), dv)])
+    for name, scale in ((q_name, q_scale), ("kv_b_proj", kv_scale)):
+        w = attn[name]["kernel"]
+        if w.shape[0] != L or w.shape[-1] != scale.shape[-1]:
+            raise ValueError(f"qk_clip: {name}/kernel has shape {w.shape}, expected ({L}, in, {scale.shape[-1]}) "
+                             "from the config; does the config match the params?")
+        attn[name] = {**attn[name], "kernel": (w.astype(jnp.float32) * scale).astype(w.dtype)}
+    return {**layer, "self_attn": attn}, clipped
+
+
+def qk_clip(params: dict[str, Any], max_attn_logits: jnp.ndarray, cfg: K2Config, tau: float | jnp.ndarray = 100.0
+            ) -> tuple[dict[str, Any], jnp.ndarray]:
+    """Rescale each attention head whose max logit exceeds tau so that its max logit would be exactly tau.
+
+    params: the K2 decoder's pure param dict (for a K2.5 model, its `language_model` subtree);
+    max_attn_logits (num_hidden_layers, heads) from `K2Model.__call__` (dense rows first).
+    Returns (new params, number of clipped heads as an int32 scalar). Jit-able with `cfg` static; heads with
+    S <= tau (or NaN) are multiplied by exactly 1.
+    """
+    H, k = cfg.num_attention_heads, cfg.first_k_dense_replace
+    if max_attn_logits.shape != (cfg.num_hidden_layers, H):
+        raise ValueError(f"qk_clip: max_attn_logits has shape {max_attn_logits.shape}, expected "
+                         f"(num_hidden_layers, heads) = ({cfg.num_hidden_layers}, {H}).")
+    rows = {"dense_layers": max_attn_logits[:k], "moe_layers": max_attn_logits[k:]}
+    new = dict(params)
+    count = jnp.zeros((), jnp.int32)
+    for stack in STACKS:
+        if rows[stack].shape[0] == 0:
+            continue
+        if stack not in params:
+            raise ValueError(f"qk_clip: the config has {rows[stack].shape[0]} {stack} but params has no {stack!r}.")
+        new[stack], clipped = _clip_stack(params[stack], rows[stack], cfg, tau)
+        count = count + clipped.sum(dtype=jnp.int32)
+    return new, count
