@@ -1,0 +1,37 @@
+"""Fields every experiment config has (see DESIGN.md), so any can be set from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from k25.model.config import K2Config
+from k25.train.optimizer import default_optim_config
+
+
+def model_config_dict(cfg: K2Config) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dataclasses.asdict(cfg))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = "lm"
+    c.seed = 0
+    c.total_steps = 100
+    c.batch_size = 16
+    c.seq_len = 128
+    c.log_every = 10
+    c.eval_every = 0  # 0: evaluate only at the end
+    c.eval_examples = 64  # held-out examples per task
+    c.eval_max_new_tokens = 8
+    c.checkpoint_every = 100
+    c.keep_checkpoints = 3
+    c.async_checkpoints = True
+    c.max_nonfinite_steps = 10
+    c.progress_bar = True
+    c.distributed = False  # call jax.distributed.initialize() (multi-host launches)
+    c.optim = default_optim_config()
+    c.mesh = ml_collections.ConfigDict(dict(pp=1, dp=1, ep=1))
+    c.pipeline = ml_collections.ConfigDict(dict(virtual_stages=1, microbatches=1, schedule="gpipe"))
+    return c

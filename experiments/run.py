@@ -1,0 +1,51 @@
+"""The one entry point: `python -m experiments.run --config=experiments/NAME.py[:ARG] --workdir=DIR`.
+
+Rerunning with the same DIR resumes from its last checkpoint. `--dry_run` builds the run abstractly
+(no weights allocated), lowers one training step and writes DIR/plan.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (NAME.py[:ARG]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard events.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Build abstractly, lower one step, print the plan; no training.")
+_COMPILE = flags.DEFINE_bool("compile", False, "With --dry_run: also compile and report memory analysis.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; config fields are set as --config.FIELD=VALUE")
+    import jax
+
+    from k25.train import loop
+
+    config = _CONFIG.value
+    if config.get("distributed", False):
+        jax.distributed.initialize()
+    logging.info("devices: %s", jax.devices())
+    if _DRY_RUN.value:
+        print(json.dumps(loop.plan(config, _WORKDIR.value, compile=_COMPILE.value), indent=1))
+        return
+    result = loop.train(config, _WORKDIR.value)
+    if result["eval"]:
+        print(format_eval_table(result["eval"]))
+
+
+def format_eval_table(metrics: dict) -> str:
+    rows = [(k.removeprefix("eval/"), v) for k, v in sorted(metrics.items()) if isinstance(v, float)]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'held-out metric'.ljust(width)}  value", "-" * (width + 8)]
+    lines += [f"{name.ljust(width)}  {value:.3f}" for name, value in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))

@@ -1,0 +1,228 @@
+"""The training runtime: mesh, state, jitted step, data, checkpoints, metrics, evals, signals.
+
+`train(config, workdir)` runs or resumes a run; `plan(config, workdir)` builds everything
+abstractly (no weights allocated) and reports sizes. Stages plug in through `k25.train.stage`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from tqdm import tqdm
+
+from k25.parallel.mesh import batch_sharding, make_mesh, replicated, state_shardings
+from k25.train.checkpoint import Checkpointer, config_json
+from k25.train.metrics import MetricsWriter
+from k25.train.optimizer import build_optimizer
+from k25.train.stage import Stage, make_stage
+from k25.train.state import ModelDef, TrainState, init_state, split_model
+from k25.train.step import make_train_step
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class _StopFlag:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (save, then exit cleanly)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: signals stay with the caller
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _abstract(stage: Stage, config: ml_collections.ConfigDict):
+    """ModelDef and abstract params/buffers/state of the stage's model, nothing allocated."""
+    model = nnx.eval_shape(lambda: stage.build_model(nnx.Rngs(config.seed)))
+    model_def, params, buffers = split_model(model)
+    return model, model_def, params, buffers
+
+
+def _shardings(model: nnx.Module, mesh, opt_state_abstract) -> tuple[Any, Any, Any]:
+    """Parameter and buffer shardings from their logical axes; optimizer state replicated.
+
+    Replicated optimizer state is the plain data-parallel layout; ZeRO-1 (k25.parallel.zero) shards it.
+    """
+    _, p, b = nnx.split(model, nnx.Param, ...)
+    ps, bs = state_shardings(p, mesh), state_shardings(b, mesh)
+    return ps, bs, jax.tree.map(lambda x: replicated(mesh), opt_state_abstract)
+
+
+class Trainer:
+    """Holds everything one run needs; `train()` and `plan()` below are the entry points."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config, self.workdir = config, workdir
+        self.stage = make_stage(config)
+        self.mesh = make_mesh(config.mesh)
+        model, self.model_def, params, buffers = _abstract(self.stage, config)
+        self.optimizer, self.schedule = build_optimizer(config.optim, params, config.total_steps)
+        opt_abstract = jax.eval_shape(self.optimizer.init, params)
+        ps, bs, os_ = _shardings(model, self.mesh, opt_abstract)
+        rep = replicated(self.mesh)
+        self.state_sharding = TrainState(step=rep, params=ps, buffers=bs, opt_state=os_, nonfinite_streak=rep,
+                                         nonfinite_total=rep)
+        self.abstract_state = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, buffers=buffers,
+                       opt_state=opt_abstract, nonfinite_streak=jax.ShapeDtypeStruct((), jnp.int32),
+                       nonfinite_total=jax.ShapeDtypeStruct((), jnp.int32)),
+            self.state_sharding)
+        self.batch_sharding = batch_sharding(self.mesh)
+        step_fn = make_train_step(self.model_def, self.stage.loss_fn, self.optimizer, self.schedule,
+                                  self.stage.step_config())
+        self.step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
+                            out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
+
+    def init_state(self) -> TrainState:
+        def init():
+            _, params, buffers = split_model(self.stage.build_model(nnx.Rngs(self.config.seed)))
+            return init_state(params, buffers, self.optimizer)
+
+        return jax.jit(init, out_shardings=self.state_sharding)()
+
+    def model(self, state: TrainState) -> nnx.Module:
+        return self.model_def.merge(state.params, state.buffers)
+
+    def global_batch(self, local: dict) -> dict:
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+                for k, v in local.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
+    """Train (or resume) to `config.total_steps`; `stop_after` ends early after that many steps (tests)."""
+    t = Trainer(config, workdir)
+    ckpt = Checkpointer(workdir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints)
+    data = t.stage.train_iterator(config.seed, jax.process_index(), jax.process_count())
+    start = ckpt.latest_step()
+    if start is None:
+        state = t.init_state()
+        start = 0
+    else:
+        state, data_state, _ = ckpt.restore(t.abstract_state, start)
+        data.set_state(data_state)
+        logging.info("resumed from %s at step %d", ckpt.directory, start)
+    writer = MetricsWriter(workdir) if jax.process_index() == 0 else None
+    if writer is not None:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config_json(config))
+    tokens_per_step = config.batch_size * config.seq_len
+    end = config.total_steps if stop_after is None else min(config.total_steps, start + stop_after)
+    bar = tqdm(total=config.total_steps, initial=start, desc="train", dynamic_ncols=True,
+               disable=jax.process_index() != 0 or not config.progress_bar)
+    last_eval: dict[str, Any] = {}
+    step = start
+    interval_start, interval_steps = time.perf_counter(), 0
+
+    def save(step: int, force: bool = False) -> None:
+        ckpt.save(step, state, data.get_state(), {"step": step}, force=force)
+
+    try:
+        with _StopFlag() as stop:
+            while step < end:
+                state, metrics = t.step(state, t.global_batch(next(data)))
+                step += 1
+                interval_steps += 1
+                bar.update(1)
+                streak = int(state.nonfinite_streak)
+                if streak >= config.max_nonfinite_steps:
+                    raise NonFiniteError(
+                        f"{streak} consecutive steps had a non-finite loss or gradient (max_nonfinite_steps="
+                        f"{config.max_nonfinite_steps}); stopping. The last checkpoint in {ckpt.directory} holds "
+                        "the last good state: lower config.optim.lr or check the data.")
+                if step % config.log_every == 0 or step == end:
+                    jax.block_until_ready(metrics)
+                    elapsed = time.perf_counter() - interval_start
+                    metrics = dict(metrics, tokens_per_s=tokens_per_step * interval_steps / elapsed,
+                                   step_time_s=elapsed / interval_steps)
+                    interval_start, interval_steps = time.perf_counter(), 0
+                    if config.eval_examples and ((config.eval_every and step % config.eval_every == 0)
+                                                 or step == config.total_steps):
+                        last_eval = t.stage.evaluate(t.model(state))
+                        metrics.update(last_eval)
+                    bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
+                                    tok_s=f"{float(metrics['tokens_per_s']):.0f}")
+                    if writer is not None:
+                        writer.write(step, metrics)
+                if step % config.checkpoint_every == 0 or step == config.total_steps:
+                    save(step)
+                if stop.signum is not None:
+                    logging.warning("signal %d: saving a checkpoint at step %d and exiting", stop.signum, step)
+                    save(step, force=True)
+                    break
+            else:
+                if step != ckpt.latest_step():
+                    save(step, force=True)
+    finally:
+        bar.close()
+        ckpt.close()
+        if writer is not None:
+            writer.close()
+    return {"step": step, "state": state, "eval": last_eval, "trainer": t}
+
+
+def plan(config: ml_collections.ConfigDict, workdir: str | None = None, compile: bool = False) -> dict[str, Any]:
+    """Sizes of the run from abstract shapes only: parameters, optimizer state, per-device bytes."""
+    t = Trainer(config, workdir or "")
+    st = t.abstract_state
+
+    def per_device_bytes(tree) -> int:
+        total = 0
+        for x in jax.tree.leaves(tree):
+            shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+            total += int(np.prod(shard)) * x.dtype.itemsize
+        return total
+
+    out: dict[str, Any] = {
+        "devices": len(jax.devices()),
+        "mesh": dict(t.mesh.shape),
+        "param_bytes_per_device": per_device_bytes(st.params),
+        "buffer_bytes_per_device": per_device_bytes(st.buffers),
+        "optimizer_bytes_per_device": per_device_bytes(st.opt_state),
+    }
+    counts = getattr(t.stage, "param_counts", None)
+    if counts is not None:
+        out.update(counts())
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=t.batch_sharding)
+             for k, v in t.stage.batch_spec(config.batch_size).items()}
+    lowered = t.step.lower(st, batch)
+    out["lowered"] = True
+    if compile:
+        mem = lowered.compile().memory_analysis()
+        if mem is not None:
+            out["temp_bytes_per_device"] = int(mem.temp_size_in_bytes)
+            out["argument_bytes_per_device"] = int(mem.argument_size_in_bytes)
+            out["output_bytes_per_device"] = int(mem.output_size_in_bytes)
+    if workdir:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "plan.json"), "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+__all__ = ["train", "plan", "Trainer", "NonFiniteError", "ModelDef"]

@@ -1,0 +1,46 @@
+"""Optimizer and learning-rate schedule from `config.optim`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+import optax
+
+from k25.optim.muon_clip import adamw, muon_clip
+from k25.optim.schedules import make_schedule
+
+OPTIMIZERS = ("muon_clip", "adamw")
+
+
+def build_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    kw: dict[str, Any] = dict(peak_lr=optim.lr, warmup_steps=optim.warmup_steps, total_steps=total_steps)
+    if optim.schedule == "warmup_cosine":
+        kw["final_ratio"] = optim.final_lr_ratio
+    elif optim.schedule == "wsd":
+        kw.update(decay_fraction=optim.decay_fraction, final_ratio=optim.final_lr_ratio)
+    try:
+        return make_schedule(optim.schedule, **kw)
+    except ValueError as e:
+        raise ValueError(f"config.optim: {e}") from None
+
+
+def build_optimizer(optim: ml_collections.ConfigDict, params: Any, total_steps: int
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = build_schedule(optim, total_steps)
+    if optim.name == "muon_clip":
+        tx = muon_clip(params, learning_rate=schedule, weight_decay=optim.weight_decay, b1=optim.b1, b2=optim.b2,
+                       muon_momentum=optim.muon_momentum, ns_steps=optim.ns_steps, rms_scale=optim.rms_scale)
+    elif optim.name == "adamw":
+        tx = adamw(params, learning_rate=schedule, weight_decay=optim.weight_decay, b1=optim.b1, b2=optim.b2)
+    else:
+        raise ValueError(f"config.optim.name={optim.name!r} is unknown; choose one of {OPTIMIZERS}.")
+    return tx, schedule
+
+
+def default_optim_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        name="muon_clip", lr=2e-3, schedule="warmup_cosine", warmup_steps=20, final_lr_ratio=0.1,
+        decay_fraction=0.2, weight_decay=0.1, b1=0.9, b2=0.95, muon_momentum=0.95, ns_steps=5, rms_scale=0.2,
+        qk_clip_tau=100.0, accum_steps=1,
+    ))

@@ -1,0 +1,93 @@
+"""Text language-model pre-training of the K2 decoder on packed documents (the `lm` stage)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from k25.data.pipeline import make_eval_examples, make_train_iterator
+from k25.data.synthetic.text import exact_match
+from k25.data.tokenizer import load_tokenizer
+from k25.model.config import K2Config
+from k25.model.decoder import K2Model
+from k25.model.params import count_params
+from k25.train.generate import greedy_decode
+from k25.train.step import StepConfig
+
+
+def model_config(config: ml_collections.ConfigDict) -> K2Config:
+    """K2Config from `config.model`, with errors that name the `config.model.*` field."""
+    try:
+        return K2Config.from_dict(config.model.to_dict())
+    except ValueError as e:
+        raise ValueError(f"config.model: {e}") from None
+
+
+def lm_loss(model: nnx.Module, batch: dict) -> tuple[jax.Array, dict]:
+    """Summed next-token cross-entropy over `loss_mask`; documents never attend across segments."""
+    out = model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(ce * mask), {"num_tokens": jnp.sum(mask), "max_attn_logits": out.max_attn_logits,
+                                "expert_counts": out.expert_counts}
+
+
+class TextLMStage:
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.model_cfg = model_config(config)
+        self.tokenizer = load_tokenizer(config.data.tokenizer)
+        if self.tokenizer.vocab_size > self.model_cfg.vocab_size:
+            raise ValueError(f"config.model.vocab_size={self.model_cfg.vocab_size} is smaller than the tokenizer's "
+                             f"vocabulary ({self.tokenizer.vocab_size}); raise config.model.vocab_size.")
+
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        return K2Model(self.model_cfg, rngs=rngs)
+
+    def param_counts(self) -> dict[str, int]:
+        return count_params(self.model_cfg)
+
+    def loss_fn(self, model, batch):
+        return lm_loss(model, batch)
+
+    def step_config(self) -> StepConfig:
+        c = self.config
+        return StepConfig(accum_steps=c.optim.accum_steps, qk_clip_tau=c.optim.qk_clip_tau,
+                          bias_update_rate=self.model_cfg.bias_update_rate, text_cfg=self.model_cfg)
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        shape = (batch_size, self.config.seq_len)
+        return {k: jax.ShapeDtypeStruct(shape, jnp.int32)
+                for k in ("input_ids", "targets", "segment_ids", "positions", "loss_mask")}
+
+    def train_iterator(self, seed: int, process_index: int, process_count: int) -> Iterator[dict]:
+        c = self.config
+        return make_train_iterator(c.data, seed=seed, batch_size=c.batch_size // process_count, seq_len=c.seq_len,
+                                   tokenizer=self.tokenizer, process_index=process_index,
+                                   process_count=process_count)
+
+    def evaluate(self, model: nnx.Module) -> dict[str, Any]:
+        """Greedy exact match per held-out synthetic task, plus the mean."""
+        c = self.config
+        tok = self.tokenizer
+        sets = make_eval_examples(c.data, tok, c.eval_examples)
+        graphdef, state = nnx.split(model)
+
+        def logits_fn(ids):
+            return nnx.merge(graphdef, state)(ids).logits
+
+        metrics: dict[str, Any] = {}
+        for task, examples in sets.items():
+            preds = greedy_decode(logits_fn, [e["prompt_ids"] for e in examples], c.eval_max_new_tokens,
+                                  tok.pad_id, tok.eos_id)
+            hits = [exact_match(tok.decode(p), e["answer"]) for p, e in zip(preds, examples)]
+            metrics[f"eval/{task}_exact"] = float(np.mean(hits))
+        if sets:
+            metrics["eval/mean_exact"] = float(np.mean([metrics[f"eval/{t}_exact"] for t in sets]))
+        return metrics

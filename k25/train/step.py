@@ -1,0 +1,125 @@
+"""One training step over plain pytrees: gradients (with accumulation), optimizer, QK-Clip, balancing.
+
+A stage's loss function has the signature `loss_fn(model, batch) -> (loss_sum, aux)`: the *sum* of
+per-token losses and an aux dict with at least `num_tokens`, plus `max_attn_logits` (layers, heads)
+and `expert_counts` (moe layers, experts) when the model has attention / MoE. Summing and dividing
+once by the total token count makes accumulation over microbatches exactly a bigger batch.
+
+A step whose loss or gradient norm is not finite changes nothing but the skip counters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from k25.model.config import K2Config
+from k25.model.moe import balance_bias_update
+from k25.optim.muon_clip import qk_clip
+from k25.train.state import ModelDef, TrainState
+
+LossFn = Callable[[Any, dict], tuple[jnp.ndarray, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    accum_steps: int = 1
+    qk_clip_tau: float = 100.0  # 0 disables QK-Clip
+    bias_update_rate: float = 0.0  # aux-loss-free balancing step; 0 disables
+    text_cfg: K2Config | None = None  # the K2 decoder's config (None: the model has no K2 decoder)
+    text_path: tuple[str, ...] = ()  # where the K2 decoder's parameters sit in the params tree
+
+
+def _subtree(tree: dict, path: tuple[str, ...]) -> dict:
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _with_subtree(tree: dict, path: tuple[str, ...], sub: dict) -> dict:
+    if not path:
+        return sub
+    return {**tree, path[0]: _with_subtree(tree[path[0]], path[1:], sub)}
+
+
+def _accumulate(grad_fn, params, batch: dict, accum: int):
+    """Sum of (loss_sum, grads) and merged aux over `accum` equal microbatches of the batch."""
+    if accum == 1:
+        return grad_fn(params, batch)
+    micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+    def body(carry, mb):
+        (loss, aux), grads = grad_fn(params, mb)
+        if carry is None:
+            return (loss, aux, grads), None
+        closs, caux, cgrads = carry
+        merged = {k: (jnp.maximum(caux[k], aux[k]) if k.startswith("max_") else caux[k] + aux[k]) for k in aux}
+        return (closs + loss, merged, jax.tree.map(jnp.add, cgrads, grads)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    rest = jax.tree.map(lambda x: x[1:], micro)
+    carry, _ = body(None, first)
+    carry, _ = jax.lax.scan(body, carry, rest)
+    loss, aux, grads = carry
+    return (loss, aux), grads
+
+
+def make_train_step(model_def: ModelDef, loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, cfg: StepConfig) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The un-jitted step function `(state, batch) -> (state, metrics)`; the caller jits it with shardings."""
+
+    def loss_of(params, buffers, batch):
+        return loss_fn(model_def.merge(params, buffers), batch)
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        grad_fn = jax.value_and_grad(lambda p, b: loss_of(p, state.buffers, b), has_aux=True)
+        (loss_sum, aux), grads = _accumulate(grad_fn, state.params, batch, cfg.accum_steps)
+        n = jnp.maximum(aux["num_tokens"], 1.0)
+        loss = loss_sum / n
+        grads = jax.tree.map(lambda g: g / n, grads)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        buffers = state.buffers
+        metrics: dict[str, jnp.ndarray] = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+                                           "num_tokens": aux["num_tokens"]}
+        for k, v in aux.items():
+            if k not in ("num_tokens", "max_attn_logits", "expert_counts") and v.ndim == 0:
+                metrics[k] = v
+        tcfg = cfg.text_cfg
+        if tcfg is not None:
+            max_logits = aux["max_attn_logits"]
+            metrics["max_attn_logit"] = jnp.max(max_logits)
+            if cfg.qk_clip_tau > 0:
+                text, clipped = qk_clip(_subtree(params, cfg.text_path), max_logits, tcfg, cfg.qk_clip_tau)
+                params = _with_subtree(params, cfg.text_path, text)
+                metrics["qk_clip/clipped_heads"] = clipped
+            if tcfg.num_moe_layers:
+                counts = aux["expert_counts"]
+                load = counts / jnp.maximum(counts.sum(-1, keepdims=True), 1.0)
+                metrics["moe/max_load_over_mean"] = jnp.max(load) * tcfg.n_routed_experts
+                metrics["moe/expert_load"] = load.mean(0)
+                if cfg.bias_update_rate > 0:
+                    text_buf = _subtree(buffers, cfg.text_path)
+                    moe_buf = dict(text_buf["moe_layers"])
+                    moe_buf["mlp"] = {**moe_buf["mlp"], "bias": balance_bias_update(
+                        moe_buf["mlp"]["bias"], counts, cfg.bias_update_rate)}
+                    buffers = _with_subtree(buffers, cfg.text_path, {**text_buf, "moe_layers": moe_buf})
+
+        def keep(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+        streak = jnp.where(ok, 0, state.nonfinite_streak + 1)
+        new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                               buffers=keep(buffers, state.buffers), opt_state=keep(opt_state, state.opt_state),
+                               nonfinite_streak=streak, nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32))
+        metrics["nonfinite_steps"] = new_state.nonfinite_total
+        return new_state, metrics
+
+    return step
