@@ -32,6 +32,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.progress_bar = True
     c.distributed = False  # call jax.distributed.initialize() (multi-host launches)
     c.optim = default_optim_config()
-    c.mesh = ml_collections.ConfigDict(dict(pp=1, dp=1, ep=1))
+    c.mesh = ml_collections.ConfigDict(dict(pp=1, dp=1, ep=1, devices=0))  # devices: 0 = all
     c.pipeline = ml_collections.ConfigDict(dict(virtual_stages=1, microbatches=1, schedule="gpipe"))
     return c

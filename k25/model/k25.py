@@ -26,14 +26,20 @@ def scatter_placeholders(embeds: jnp.ndarray, input_ids: jnp.ndarray, token_id: 
     """Replace the embeddings at `token_id` positions (row-major) by `features` rows, in order."""
     b, s, d = embeds.shape
     mask = (input_ids == token_id).reshape(-1)
-    if not isinstance(mask, jax.core.Tracer):
-        found = int(mask.sum())
-        if found != features.shape[0]:
-            raise ValueError(f"input_ids holds {found} placeholder(s) of id {token_id} but the media give "
-                             f"{features.shape[0]} token(s); the prompt must have one placeholder per media token.")
     order = jnp.clip(jnp.cumsum(mask) - 1, 0, max(features.shape[0] - 1, 0))
     picked = features.astype(embeds.dtype)[order]
     return jnp.where(mask[:, None], picked, embeds.reshape(-1, d)).reshape(b, s, d)
+
+
+def check_placeholders(input_ids: jnp.ndarray, token_id: int, expected: int) -> None:
+    """With concrete ids, fail before any vision compute if the prompt's placeholders do not fit the media."""
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    found = int((input_ids == token_id).sum())
+    if found != expected:
+        raise ValueError(f"input_ids holds {found} placeholder(s) of id {token_id} but the media give {expected} "
+                         "token(s); the prompt must have one placeholder per media token (h*w/merge^2 per image "
+                         "or video chunk).")
 
 
 class K25Model(nnx.Module):
@@ -60,16 +66,18 @@ class K25Model(nnx.Module):
         media = [(px, grid, tok) for px, grid, tok in media if px is not None]
         if not media:
             return embeds
-        for px, grid, _ in media:
+        counts = []
+        for _, grid, tok in media:
             if not grid:
                 raise ValueError("pixel values were given without their grid_thw; pass image_grid_thw / "
                                  "video_grid_thw from the processor.")
+            counts.append(sum(tokens_per_chunk(grid, cfg.vision_config.merge_kernel_size)))
+            check_placeholders(input_ids, tok, counts[-1])
         patch_dim = cfg.vision_config.patch_dim
         pixels = jnp.concatenate([jnp.asarray(px).reshape(-1, patch_dim) for px, _, _ in media])
         feats = self.encode_media(pixels, sum((grid for _, grid, _ in media), ()))
         start = 0
-        for _, grid, tok in media:
-            n = sum(tokens_per_chunk(grid, cfg.vision_config.merge_kernel_size))
+        for (_, _, tok), n in zip(media, counts):
             embeds = scatter_placeholders(embeds, input_ids, tok, feats[start:start + n])
             start += n
         return embeds

@@ -10,21 +10,23 @@ chunk is averaged over time and merged kh x kw -> one token (the projector conca
 `grid_thw` is host metadata (static under jit): every index below is computed in numpy from it.
 
 Logical axes of the vision parameters: vit_patch (C*p*p patch pixels), vit_embed (vision width),
-vit_heads (flattened heads x head_dim), vit_mlp, norm, layers.
+vit_heads (flattened heads x head_dim), vit_mlp, norm, and vit_layers for the block stack (not `layers`,
+which the mesh maps to pipeline stages of the text decoder).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from k25.model.decoder import scan_layers, stacked
+from k25.model.decoder import scan_layers
 from k25.model.layers import param
 from k25.model.vision_config import MoonViTConfig
 
@@ -87,8 +89,8 @@ def normalize_grid(grid_thw: Any) -> Grid:
     if grid_thw is None:
         return ()
     if isinstance(grid_thw, jax.core.Tracer):
-        raise ValueError("grid_thw must be concrete host data (numpy / tuple), not a traced array: it fixes "
-                         "shapes; pass it as a static argument under jit.")
+        raise TypeError("grid_thw must be concrete host data (numpy / tuple), not a traced array: it fixes "
+                        "shapes; pass it as a static argument under jit.")
     arr = np.asarray(grid_thw.tolist() if hasattr(grid_thw, "tolist") else grid_thw, dtype=np.int64)
     arr = arr.reshape(-1, 3)
     return tuple((int(t), int(h), int(w)) for t, h, w in arr)
@@ -247,8 +249,11 @@ class PatchEmbed(nnx.Module):
 
 
 class VisionAttention(nnx.Module):
+    """Bidirectional attention inside each chunk: dense logits masked by segment ids (O(N^2) in the packed
+    length; a segment-aware flash kernel is the drop-in for long packs)."""
+
     def __init__(self, cfg: MoonViTConfig, *, rngs: nnx.Rngs):
-        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, std=cfg.initializer_range, rngs=rngs)
+        kw = {"dtype": cfg.compute_dtype, "param_dtype": cfg.weight_dtype, "std": cfg.initializer_range, "rngs": rngs}
         d = cfg.hidden_size
         self.q_proj = DenseBias(d, d, ("vit_embed", "vit_heads"), **kw)
         self.k_proj = DenseBias(d, d, ("vit_embed", "vit_heads"), **kw)
@@ -271,7 +276,7 @@ class VisionAttention(nnx.Module):
 
 class VisionMLP(nnx.Module):
     def __init__(self, cfg: MoonViTConfig, *, rngs: nnx.Rngs):
-        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, std=cfg.initializer_range, rngs=rngs)
+        kw = {"dtype": cfg.compute_dtype, "param_dtype": cfg.weight_dtype, "std": cfg.initializer_range, "rngs": rngs}
         self.fc1 = DenseBias(cfg.hidden_size, cfg.intermediate_size, ("vit_embed", "vit_mlp"), **kw)
         self.fc2 = DenseBias(cfg.intermediate_size, cfg.hidden_size, ("vit_mlp", "vit_embed"), **kw)
         self.act = activation(cfg.hidden_act)
@@ -284,7 +289,7 @@ class VisionBlock(nnx.Module):
     """Pre-LN block: x + attn(LN(x)); x + mlp(LN(x))."""
 
     def __init__(self, cfg: MoonViTConfig, *, rngs: nnx.Rngs):
-        nkw = dict(eps=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+        nkw = {"eps": cfg.layer_norm_eps, "dtype": cfg.compute_dtype, "param_dtype": cfg.weight_dtype, "rngs": rngs}
         self.norm1 = LayerNorm(cfg.hidden_size, **nkw)
         self.attn = VisionAttention(cfg, rngs=rngs)
         self.norm2 = LayerNorm(cfg.hidden_size, **nkw)
@@ -308,6 +313,17 @@ def temporal_merge(hidden: jnp.ndarray, layout: PackedLayout) -> jnp.ndarray:
     return (summed / jnp.asarray(layout.merge_count)[:, None, None]).astype(hidden.dtype)
 
 
+def stacked_blocks(cfg: MoonViTConfig, rngs: nnx.Rngs) -> VisionBlock:
+    """num_hidden_layers blocks with parameters stacked on a leading `vit_layers` axis, for lax.scan."""
+
+    @nnx.split_rngs(splits=cfg.num_hidden_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "vit_layers"})
+    def create(r: nnx.Rngs) -> VisionBlock:
+        return VisionBlock(cfg, rngs=r)
+
+    return create(rngs)
+
+
 class MoonViT(nnx.Module):
     """The vision tower: patch embed, scanned pre-LN blocks, final LayerNorm, temporal pool + spatial merge."""
 
@@ -315,7 +331,7 @@ class MoonViT(nnx.Module):
         cfg.validate()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg, rngs=rngs)
-        self.layers = stacked(cfg.num_hidden_layers, lambda r: VisionBlock(cfg, rngs=r), rngs)
+        self.layers = stacked_blocks(cfg, rngs)
         self.final_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
                                          param_dtype=cfg.weight_dtype, rngs=rngs)
 

@@ -19,7 +19,7 @@ class Projector(nnx.Module):
     def __init__(self, cfg: K25Config, *, rngs: nnx.Rngs):
         v = cfg.vision_config
         merged = v.hidden_size * v.merge_area
-        kw = dict(dtype=v.compute_dtype, param_dtype=v.weight_dtype, std=v.initializer_range, rngs=rngs)
+        kw = {"dtype": v.compute_dtype, "param_dtype": v.weight_dtype, "std": v.initializer_range, "rngs": rngs}
         self.pre_norm = LayerNorm(cfg.projection_hidden_size, eps=cfg.projection_layer_norm_eps,
                                   dtype=v.compute_dtype, param_dtype=v.weight_dtype, rngs=rngs)
         self.in_proj = DenseBias(merged, merged, ("vit_merged", "proj_mlp"), **kw)

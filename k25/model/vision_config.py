@@ -74,10 +74,10 @@ class MoonViTConfig:
     def weight_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.param_dtype)
 
-    def replace(self, **kw: Any) -> "MoonViTConfig":
+    def replace(self, **kw: Any) -> MoonViTConfig:
         return dataclasses.replace(self, **kw)
 
-    def validate(self) -> "MoonViTConfig":
+    def validate(self) -> MoonViTConfig:
         """Raise ValueError naming the field and the fix; return self when consistent."""
 
         def need(cond: bool, msg: str) -> None:
@@ -104,7 +104,7 @@ class MoonViTConfig:
         return self
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MoonViTConfig":
+    def from_dict(cls, d: dict[str, Any]) -> MoonViTConfig:
         d = dict(d)
         if "merge_kernel_size" in d:
             d["merge_kernel_size"] = tuple(d["merge_kernel_size"])
@@ -127,10 +127,10 @@ class K25Config:
     vision_start_token_id: int = 163602
     vision_end_token_id: int = 163604
 
-    def replace(self, **kw: Any) -> "K25Config":
+    def replace(self, **kw: Any) -> K25Config:
         return dataclasses.replace(self, **kw)
 
-    def validate(self) -> "K25Config":
+    def validate(self) -> K25Config:
         """Validate both towers and their junction; raise ValueError naming the field and the fix."""
         self.text_config.validate()
         self.vision_config.validate()
@@ -150,7 +150,7 @@ class K25Config:
         return self
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "K25Config":
+    def from_dict(cls, d: dict[str, Any]) -> K25Config:
         d = dict(d)
         if isinstance(d.get("text_config"), dict):
             d["text_config"] = K2Config.from_dict(d["text_config"])

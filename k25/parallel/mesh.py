@@ -28,14 +28,23 @@ LOGICAL_RULES: dict[str, Any] = {
 
 
 def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
-    """Mesh of shape (pp, dp, ep) from `config.mesh`; the product must equal the device count."""
+    """Mesh of shape (pp, dp, ep) from `config.mesh`; the product must equal the device count.
+
+    `config.mesh.devices` (0 = all) uses only the first N devices, e.g. a 1-device debug run on a host
+    that has more.
+    """
     devices = devices if devices is not None else jax.devices()
+    n = int(mesh_cfg.get("devices", 0) or 0)
+    if n:
+        if n > len(devices):
+            raise ValueError(f"config.mesh.devices={n} but only {len(devices)} devices are available.")
+        devices = devices[:n]
     shape = tuple(int(mesh_cfg[a]) for a in AXES)
     if any(s < 1 for s in shape):
         raise ValueError(f"config.mesh: pp/dp/ep must be >= 1, got {dict(zip(AXES, shape))}.")
     if math.prod(shape) != len(devices):
         raise ValueError(f"config.mesh: pp*dp*ep = {math.prod(shape)} but {len(devices)} devices are available; "
-                         f"set --config.mesh.pp/dp/ep so their product is {len(devices)}.")
+                         f"set --config.mesh.pp/dp/ep so their product is {len(devices)} (or --config.mesh.devices to use fewer).")
     return Mesh(np.asarray(devices).reshape(shape), AXES)
 
 
