@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 
 HF = [
     "torch==2.13.0",  # CPU build; a newer or unpinned torch pulls several GB of CUDA wheels
-    "transformers>=5.23",
+    "transformers==5.23.0",  # the numerical reference the parity tests pin to
     "safetensors>=0.4",
 ]
 
@@ -15,11 +15,13 @@ setup(
     packages=find_packages(include=["k25", "k25.*", "experiments", "experiments.*"]),
     python_requires=">=3.11",
     install_requires=[
-        "jax>=0.7",
-        "flax>=0.12",
-        "optax>=0.2.6",
-        "orbax-checkpoint>=0.11",
-        "grain>=0.2.12",
+        # pinned: the parallel code and NNX state handling follow these releases' APIs
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "grain==0.2.18",
         "ml-collections>=1.0",
         "chex>=0.1.90",
         "absl-py>=2.1",
@@ -28,6 +30,9 @@ setup(
         "tensorboardX",
         "pyarrow",
         "array-record",
+        "tokenizers",  # k25.data.tokenizer: HF tokenizer.json loader
+        "sentencepiece",  # k25.data.tokenizer: .model loader
+        "tiktoken",  # k25.data.tokenizer: fast path for tiktoken BPE files (pulls in `regex`)
     ],
     extras_require={
         "hf": HF,
