@@ -1,0 +1,13 @@
+"""Seeded synthetic tasks with checkable answers; ``make_task`` builds one by name."""
+
+from k25.data.synthetic.text import TASKS, CodeTask, Example, KnowledgeTask, ReasoningTask, TextTask, exact_match
+
+
+def make_task(name: str, **kwargs: object) -> TextTask:
+    """A task from ``TASKS`` by name; ``kwargs`` go to its constructor (``seed``, ``eval_fraction``, ...)."""
+    if name not in TASKS:
+        raise KeyError(f"unknown synthetic task {name!r}; known: {sorted(TASKS)}")
+    return TASKS[name](**kwargs)
+
+
+__all__ = ["TASKS", "CodeTask", "Example", "KnowledgeTask", "ReasoningTask", "TextTask", "exact_match", "make_task"]
