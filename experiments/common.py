@@ -23,7 +23,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.seq_len = 128
     c.log_every = 10
     c.eval_every = 0  # 0: evaluate only at the end
-    c.eval_examples = 64  # held-out examples per task
+    c.eval_examples = 64  # held-out examples per task (0: no evals)
+    c.eval_at_start = False  # also evaluate the untrained model (logged at step 0)
     c.eval_max_new_tokens = 8
     c.checkpoint_every = 100
     c.keep_checkpoints = 3

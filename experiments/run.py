@@ -40,10 +40,14 @@ def main(argv: list[str]) -> None:
 
 
 def format_eval_table(metrics: dict) -> str:
-    rows = [(k.removeprefix("eval/"), v) for k, v in sorted(metrics.items()) if isinstance(v, float)]
-    width = max(len(r[0]) for r in rows)
-    lines = [f"{'held-out metric'.ljust(width)}  value", "-" * (width + 8)]
-    lines += [f"{name.ljust(width)}  {value:.3f}" for name, value in rows]
+    """Held-out metrics at the end, next to the untrained model's when it was evaluated."""
+    final = {k.removeprefix("eval/"): v for k, v in sorted(metrics.items()) if not k.endswith("@init")}
+    init = {k.removeprefix("eval/").removesuffix("@init"): v for k, v in metrics.items() if k.endswith("@init")}
+    width = max(len(k) for k in final)
+    lines = [f"{'held-out metric'.ljust(width)}  untrained  trained", "-" * (width + 20)]
+    for name, value in final.items():
+        before = f"{init[name]:.3f}" if name in init else "-"
+        lines.append(f"{name.ljust(width)}  {before:>9}  {value:.3f}")
     return "\n".join(lines)
 
 

@@ -25,6 +25,7 @@ def get_config(arg: str | None = None):
     c.checkpoint_every = 200
     c.optim.lr = 3e-3
     c.optim.warmup_steps = 30
+    c.eval_at_start = True
     if arg == "smoke":
         c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 6, 2, 0, 3
         c.eval_examples = 8

@@ -139,6 +139,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     step = start
     interval_start, interval_steps = time.perf_counter(), 0
 
+    if start == 0 and config.get("eval_at_start", False) and config.eval_examples:
+        baseline = t.stage.evaluate(t.model(state))  # the untrained model, for comparison with the end
+        last_eval = {f"{k}@init": v for k, v in baseline.items()}
+        if writer is not None:
+            writer.write(0, baseline)
+
     def save(step: int, force: bool = False) -> None:
         ckpt.save(step, state, data.get_state(), {"step": step}, force=force)
 
@@ -163,8 +169,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                     interval_start, interval_steps = time.perf_counter(), 0
                     if config.eval_examples and ((config.eval_every and step % config.eval_every == 0)
                                                  or step == config.total_steps):
-                        last_eval = t.stage.evaluate(t.model(state))
-                        metrics.update(last_eval)
+                        evals = t.stage.evaluate(t.model(state))
+                        metrics.update(evals)
+                        last_eval = {**{k: v for k, v in last_eval.items() if k.endswith("@init")}, **evals}
                     bar.set_postfix(loss=f"{float(metrics['loss']):.3f}",
                                     tok_s=f"{float(metrics['tokens_per_s']):.0f}")
                     if writer is not None:
