@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.progress_bar = True
     c.distributed = False  # call jax.distributed.initialize() (multi-host launches)
     c.optim = default_optim_config()
+    c.zero1 = True  # shard optimizer state over the data-parallel ranks (k25.parallel.zero)
     c.mesh = ml_collections.ConfigDict(dict(pp=1, dp=1, ep=1, devices=0))  # devices: 0 = all
     c.pipeline = ml_collections.ConfigDict(dict(virtual_stages=1, microbatches=1, schedule="gpipe"))
     return c

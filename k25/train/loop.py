@@ -21,6 +21,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from k25.parallel.mesh import batch_sharding, make_mesh, replicated, state_shardings
+from k25.parallel.zero import zero1_shardings
 from k25.train.checkpoint import Checkpointer, config_json
 from k25.train.metrics import MetricsWriter
 from k25.train.optimizer import build_optimizer
@@ -63,13 +64,12 @@ def _abstract(stage: Stage, config: ml_collections.ConfigDict):
     return model, model_def, params, buffers
 
 
-def _shardings(model: nnx.Module, mesh, opt_state_abstract) -> tuple[Any, Any, Any]:
-    """Parameter and buffer shardings from their logical axes; optimizer state replicated.
-
-    Replicated optimizer state is the plain data-parallel layout; ZeRO-1 (k25.parallel.zero) shards it.
-    """
+def _shardings(model: nnx.Module, mesh, opt_state_abstract, zero1: bool) -> tuple[Any, Any, Any]:
+    """Parameter and buffer shardings from their logical axes; optimizer state ZeRO-1 sharded or replicated."""
     _, p, b = nnx.split(model, nnx.Param, ...)
     ps, bs = state_shardings(p, mesh), state_shardings(b, mesh)
+    if zero1:
+        return ps, bs, zero1_shardings(opt_state_abstract, ps, mesh)
     return ps, bs, jax.tree.map(lambda x: replicated(mesh), opt_state_abstract)
 
 
@@ -83,7 +83,7 @@ class Trainer:
         model, self.model_def, params, buffers = _abstract(self.stage, config)
         self.optimizer, self.schedule = build_optimizer(config.optim, params, config.total_steps)
         opt_abstract = jax.eval_shape(self.optimizer.init, params)
-        ps, bs, os_ = _shardings(model, self.mesh, opt_abstract)
+        ps, bs, os_ = _shardings(model, self.mesh, opt_abstract, config.get("zero1", True))
         rep = replicated(self.mesh)
         self.state_sharding = TrainState(step=rep, params=ps, buffers=bs, opt_state=os_, nonfinite_streak=rep,
                                          nonfinite_total=rep)
