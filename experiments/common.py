@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.async_checkpoints = True
     c.max_nonfinite_steps = 10
     c.progress_bar = True
+    c.host_data = "slice"  # "slice": each process reads its share; "replicate": all read everything
     c.distributed = False  # call jax.distributed.initialize() (multi-host launches)
     c.optim = default_optim_config()
     c.zero1 = True  # shard optimizer state over the data-parallel ranks (k25.parallel.zero)

@@ -17,6 +17,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard events.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Build abstractly, lower one step, print the plan; no training.")
 _COMPILE = flags.DEFINE_bool("compile", False, "With --dry_run: also compile and report memory analysis.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs; "
+                                   "TPU pods and SLURM are detected without it).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -28,8 +32,10 @@ def main(argv: list[str]) -> None:
     from k25.train import loop
 
     config = _CONFIG.value
-    if config.get("distributed", False):
-        jax.distributed.initialize()
+    if config.get("distributed", False) or _NUM_PROCESSES.value:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU cross-process collectives
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
     logging.info("devices: %s", jax.devices())
     if _DRY_RUN.value:
         print(json.dumps(loop.plan(config, _WORKDIR.value, compile=_COMPILE.value), indent=1))

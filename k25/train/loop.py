@@ -109,16 +109,28 @@ class Trainer:
     def model(self, state: TrainState) -> nnx.Module:
         return self.model_def.merge(state.params, state.buffers)
 
-    def global_batch(self, local: dict) -> dict:
+    def global_batch(self, host_batch: dict) -> dict:
+        """Device arrays of one global batch from what this process read (see `data_iterator`)."""
+        if self.config.get("host_data", "slice") == "replicate":
+            return {k: jax.make_array_from_callback(np.shape(v), self.batch_sharding, lambda i, v=v: np.asarray(v)[i])
+                    for k, v in host_batch.items()}
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
-                for k, v in local.items()}
+                for k, v in host_batch.items()}
+
+    def data_iterator(self):
+        """`host_data="slice"`: each process reads its own share of the records (the scalable default).
+        `"replicate"`: every process reads the whole global stream and keeps its rows, so a multi-process
+        run sees exactly the batches of a single-process run (used to check them against each other)."""
+        if self.config.get("host_data", "slice") == "replicate":
+            return self.stage.train_iterator(self.config.seed, 0, 1)
+        return self.stage.train_iterator(self.config.seed, jax.process_index(), jax.process_count())
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
     """Train (or resume) to `config.total_steps`; `stop_after` ends early after that many steps (tests)."""
     t = Trainer(config, workdir)
     ckpt = Checkpointer(workdir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints)
-    data = t.stage.train_iterator(config.seed, jax.process_index(), jax.process_count())
+    data = t.data_iterator()
     start = ckpt.latest_step()
     if start is None:
         state = t.init_state()
