@@ -72,6 +72,9 @@ class K2Config:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
+    # memory policy (k25 only): see k25/model/remat.py
+    remat: str = "none"  # "none" | "selective" (the report's set) | "full"
+    remat_offload: bool = False  # with "selective": keep saved residuals in pinned host memory (GPU/TPU)
     # precision (k25 only)
     dtype: str = "bfloat16"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters
@@ -141,6 +144,8 @@ class K2Config:
             need(self.bias_update_rate >= 0, f"bias_update_rate={self.bias_update_rate} must be >= 0 (0 = off).")
         if self.first_k_dense_replace > 0:
             need(self.intermediate_size > 0, "intermediate_size must be positive when there are dense layers.")
+        need(self.remat in ("none", "selective", "full"),
+             f"remat={self.remat!r} must be 'none', 'selective' or 'full'.")
         rs = self.rope_scaling
         need(rs.type in ("default", "yarn"), f"rope_scaling.type={rs.type!r} must be 'default' or 'yarn'.")
         if rs.is_yarn:

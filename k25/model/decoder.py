@@ -17,6 +17,7 @@ from k25.model.config import K2Config
 from k25.model.layers import Embed, Linear, RMSNorm, SwiGLU
 from k25.model.mla import MLA, attention_mask
 from k25.model.moe import MoE
+from k25.model.remat import remat_wrapper
 from k25.model.rope import rope_cos_sin
 
 
@@ -106,12 +107,13 @@ class K2Model(nnx.Module):
             segment_ids = jnp.ones((b, s), jnp.int32)
         cos, sin = rope_cos_sin(positions, cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
         mask = attention_mask(segment_ids)
+        remat = remat_wrapper(cfg.remat, cfg.remat_offload)
         max_logits, counts = [], jnp.zeros((0, cfg.n_routed_experts), jnp.float32)
         if self.dense_layers is not None:
-            h, (ml, _) = scan_layers(self.dense_layers, h, cos, sin, mask)
+            h, (ml, _) = scan_layers(self.dense_layers, h, cos, sin, mask, remat=remat)
             max_logits.append(ml)
         if self.moe_layers is not None:
-            h, (ml, counts) = scan_layers(self.moe_layers, h, cos, sin, mask)
+            h, (ml, counts) = scan_layers(self.moe_layers, h, cos, sin, mask, remat=remat)
             max_logits.append(ml)
         return DecoderOutput(logits=self.logits(self.norm(h)), max_attn_logits=jnp.concatenate(max_logits, 0),
                              expert_counts=counts)

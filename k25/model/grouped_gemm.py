@@ -15,9 +15,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from k25.model.remat import SWIGLU, tag
+
 
 def _swiglu(x, w_gate, w_up, w_down, dot):
-    return dot(jax.nn.silu(dot(x, w_gate)) * dot(x, w_up), w_down)
+    return dot(tag(jax.nn.silu(dot(x, w_gate)) * dot(x, w_up), SWIGLU), w_down)
 
 
 def ragged_swiglu(x_sorted: jnp.ndarray, group_sizes: jnp.ndarray, w_gate: jnp.ndarray, w_up: jnp.ndarray,

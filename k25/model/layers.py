@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from k25.model.remat import NORM, SWIGLU, tag
+
 
 def param(rngs: nnx.Rngs, shape: Sequence[int], axes: tuple[str | None, ...], dtype, std: float | None) -> nnx.Param:
     """A parameter of normal(std) values (ones when std is None), tagged with logical axis names."""
@@ -47,7 +49,7 @@ class RMSNorm(nnx.Module):
         xf = x.astype(jnp.float32)
         var = jnp.mean(xf * xf, axis=-1, keepdims=True)
         y = xf * jax.lax.rsqrt(var + self.eps)
-        return (self.scale[...].astype(jnp.float32) * y).astype(self.dtype)
+        return tag((self.scale[...].astype(jnp.float32) * y).astype(self.dtype), NORM)
 
 
 class SwiGLU(nnx.Module):
@@ -60,7 +62,7 @@ class SwiGLU(nnx.Module):
         self.down_proj = Linear(d_ff, d_model, ("mlp", "embed"), **kw)
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(tag(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), SWIGLU))
 
 
 class Embed(nnx.Module):

@@ -17,6 +17,7 @@ from flax import nnx
 
 from k25.model.config import K2Config
 from k25.model.layers import Linear, RMSNorm
+from k25.model.remat import MLA_UP, tag
 from k25.model.rope import apply_rope, softmax_scale
 
 NEG_INF = -1e30
@@ -52,7 +53,7 @@ class MLA(nnx.Module):
 
     def query(self, x: jnp.ndarray) -> jnp.ndarray:
         if self.cfg.q_lora_rank > 0:
-            return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            return tag(self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))), MLA_UP)
         return self.q_proj(x)
 
     def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray
@@ -65,7 +66,7 @@ class MLA(nnx.Module):
         q_nope, q_rope = q[..., :dn], q[..., dn:]
         ckv = self.kv_a_proj_with_mqa(x)
         kv_latent, k_rope = ckv[..., : cfg.kv_lora_rank], ckv[..., cfg.kv_lora_rank:]
-        kv = self.kv_b_proj(self.kv_a_layernorm(kv_latent)).reshape(b, s, H, dn + dv)
+        kv = tag(self.kv_b_proj(self.kv_a_layernorm(kv_latent)), MLA_UP).reshape(b, s, H, dn + dv)
         k_nope, v = kv[..., :dn], kv[..., dn:]
         q_rope = apply_rope(q_rope, cos, sin)
         k_rope = apply_rope(k_rope[:, :, None, :], cos, sin)  # (b, s, 1, dr): shared by all heads
