@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +54,8 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> K2Config:
             factor = hf["max_position_embeddings"] / orig
         scaling = RopeScaling(type="yarn", factor=float(factor), original_max_position_embeddings=int(orig),
                               beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
-                              mscale=float(rope.get("mscale") or 0.0), mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
+                              mscale=float(rope.get("mscale") or 0.0),
+                              mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
                               truncate=bool(rope.get("truncate", True)))
         if rope.get("attention_factor") is not None:
             raise ValueError("config.json: rope attention_factor overrides are not supported; remove it to use "

@@ -163,7 +163,8 @@ def _stack(trees: list[dict]) -> dict:
 def vision_hf_keys(cfg: K25Config, prefix: str = "model.") -> list[str]:
     """Every HF key of the vision tower and projector for cfg."""
     vt, pj = prefix + VISION, prefix + PROJECTOR
-    keys = [vt + "patch_embed.proj.weight", vt + "patch_embed.proj.bias", vt + "patch_embed.pos_emb.position_embeddings"]
+    keys = [vt + "patch_embed.proj.weight", vt + "patch_embed.proj.bias",
+            vt + "patch_embed.pos_emb.position_embeddings"]
     for i in range(cfg.vision_config.num_hidden_layers):
         names = list(_NORMS) + [f"{g}.{k}" for g, ks in _DENSE.items() for k in ks]
         keys += [f"{vt}layers.{i}.{n}.{w}" for n in names for w in ("weight", "bias")]

@@ -96,11 +96,11 @@ class K2Config:
     def weight_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.param_dtype)
 
-    def replace(self, **kw: Any) -> "K2Config":
+    def replace(self, **kw: Any) -> K2Config:
         return dataclasses.replace(self, **kw)
 
     # --------------------------------------------------------------- validation
-    def validate(self) -> "K2Config":
+    def validate(self) -> K2Config:
         """Raise ValueError naming the field and the fix; return self when consistent."""
 
         def need(cond: bool, msg: str) -> None:
@@ -161,7 +161,7 @@ class K2Config:
 
     # -------------------------------------------------------------- conversion
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "K2Config":
+    def from_dict(cls, d: dict[str, Any]) -> K2Config:
         """Build from a plain dict (an ml_collections ConfigDict `.to_dict()` or JSON); unknown keys are errors."""
         d = dict(d)
         fields = {f.name for f in dataclasses.fields(cls)}

@@ -7,7 +7,7 @@ Logical axis names (mapped to mesh axes by `k25.parallel.mesh`):
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

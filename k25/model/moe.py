@@ -81,7 +81,8 @@ class MoE(nnx.Module):
         self.cfg = cfg
         self.router = param(rngs, (cfg.hidden_size, cfg.n_routed_experts), ("embed", None), cfg.weight_dtype,
                             cfg.initializer_range)
-        self.bias = ExpertBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32), out_sharding=(None,), eager_sharding=False)
+        self.bias = ExpertBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32), out_sharding=(None,),
+                               eager_sharding=False)
         self.experts = Experts(cfg, rngs=rngs)
         if cfg.n_shared_experts > 0:
             self.shared_experts = SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts,

@@ -12,7 +12,7 @@ with memory kinds (GPU/TPU). The CPU has one memory space, so there it falls bac
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 from jax.ad_checkpoint import checkpoint_name

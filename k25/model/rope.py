@@ -57,7 +57,8 @@ def softmax_scale(qk_head_dim: int, scaling: RopeScaling) -> float:
     return scale
 
 
-def rope_cos_sin(positions: jnp.ndarray, dim: int, theta: float, scaling: RopeScaling) -> tuple[jnp.ndarray, jnp.ndarray]:
+def rope_cos_sin(positions: jnp.ndarray, dim: int, theta: float, scaling: RopeScaling
+                 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """cos and sin of shape positions.shape + (dim/2,), float32, already times the attention factor."""
     inv_freq, attn_factor = inv_freq_and_attention_factor(dim, theta, scaling)
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)

@@ -12,7 +12,8 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXES = ("pp", "dp", "ep")
 BATCH_AXES = ("dp", "ep")
@@ -44,7 +45,8 @@ def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
         raise ValueError(f"config.mesh: pp/dp/ep must be >= 1, got {dict(zip(AXES, shape))}.")
     if math.prod(shape) != len(devices):
         raise ValueError(f"config.mesh: pp*dp*ep = {math.prod(shape)} but {len(devices)} devices are available; "
-                         f"set --config.mesh.pp/dp/ep so their product is {len(devices)} (or --config.mesh.devices to use fewer).")
+                         f"set --config.mesh.pp/dp/ep so their product is {len(devices)} "
+                         "(or --config.mesh.devices to use fewer).")
     return Mesh(np.asarray(devices).reshape(shape), AXES)
 
 

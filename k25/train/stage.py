@@ -7,7 +7,8 @@ owns its model, data, loss and evals. `config.stage` names the stage.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Iterator, Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import jax
 import ml_collections

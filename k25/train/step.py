@@ -11,7 +11,8 @@ A step whose loss or gradient norm is not finite changes nothing but the skip co
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
