@@ -33,6 +33,8 @@ setup(
         "tokenizers",  # k25.data.tokenizer: HF tokenizer.json loader
         "sentencepiece",  # k25.data.tokenizer: .model loader
         "tiktoken",  # k25.data.tokenizer: fast path for tiktoken BPE files (pulls in `regex`)
+        "pillow",  # k25.data.vision: drawing the procedural images, rendered text (Pillow's bundled font)
+        "scikit-learn",  # k25.data.vision: the bundled 8x8 digits data set
     ],
     extras_require={
         "hf": HF,
