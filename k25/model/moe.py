@@ -20,6 +20,7 @@ from flax import nnx
 from k25.model.config import K2Config
 from k25.model.grouped_gemm import grouped_swiglu
 from k25.model.layers import SwiGLU, param
+from k25.parallel.expert import ambient_ep, expert_parallel_moe
 
 
 class ExpertBias(nnx.Variable):
@@ -97,11 +98,15 @@ class MoE(nnx.Module):
         logits = jnp.dot(xt.astype(jnp.float32), self.router[...].astype(jnp.float32))
         weights, idx = route(logits, self.bias[...], cfg)
         e = self.experts
-        out = dispatch_compute_combine(xt, weights, idx, e.gate_proj[...], e.up_proj[...], e.down_proj[...],
-                                       cfg.grouped_gemm, cfg.moe_block_size)
+        w = (e.gate_proj[...], e.up_proj[...], e.down_proj[...])
+        if ambient_ep() > 1:  # experts sharded over the `jax.set_mesh` mesh's `ep` axis: k25/parallel/expert.py
+            out, counts = expert_parallel_moe(xt, weights, idx, *w, cfg.grouped_gemm, cfg.moe_block_size)
+        else:
+            out = dispatch_compute_combine(xt, weights, idx, *w, cfg.grouped_gemm, cfg.moe_block_size)
+            counts = expert_counts(idx, cfg.n_routed_experts)
         if cfg.n_shared_experts > 0:
             out = out + self.shared_experts(xt)
-        return out.reshape(shape), jax.lax.stop_gradient(expert_counts(idx, cfg.n_routed_experts))
+        return out.reshape(shape), jax.lax.stop_gradient(counts)
 
 
 def balance_bias_update(bias: jnp.ndarray, counts: jnp.ndarray, rate: float) -> jnp.ndarray:

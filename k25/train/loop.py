@@ -96,8 +96,19 @@ class Trainer:
         self.batch_sharding = batch_sharding(self.mesh)
         step_fn = make_train_step(self.model_def, self.stage.loss_fn, self.optimizer, self.schedule,
                                   self.stage.step_config())
-        self.step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
-                            out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
+        self._step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
+                             out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
+
+    def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        """One jitted training step. Runs under `jax.set_mesh` so the MoE takes the expert-parallel path
+        (k25/parallel/expert.py) when `mesh.ep > 1`; model construction stays outside (see that module)."""
+        with jax.set_mesh(self.mesh):
+            return self._step(state, batch)
+
+    def lower_step(self, state: Any, batch: dict) -> Any:
+        """`jax.jit(...).lower` of the step on abstract inputs, under the mesh like `step`."""
+        with jax.set_mesh(self.mesh):
+            return self._step.lower(state, batch)
 
     def init_state(self) -> TrainState:
         def init():
@@ -229,7 +240,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str | None = None, compile:
         out.update(counts())
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=t.batch_sharding)
              for k, v in t.stage.batch_spec(config.batch_size).items()}
-    lowered = t.step.lower(st, batch)
+    lowered = t.lower_step(st, batch)
     out["lowered"] = True
     if compile:
         mem = lowered.compile().memory_analysis()

@@ -1,0 +1,36 @@
+"""Every benchmark runs end to end at a tiny size and prints the keys its issue asks for (figures not checked)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from experiments.bench import available
+
+MODEL = ["--hidden", "64", "--layers", "2", "--heads", "2", "--experts", "8", "--topk", "2",
+         "--batch", "2", "--seq_len", "16"]
+CASES = {
+    "moe": (["--tokens", "256", "--experts", "8", "--topk", "2", "--hidden", "32", "--width", "16",
+             "--repeats", "2"], ["speedup_vs_dense"]),
+    "muon": (MODEL + ["--repeats", "2"], ["muonclip_over_adamw", "ns_flop_share_k2_full", "ns_flop_share"]),
+    "train": (MODEL + ["--configs", "moe_25m", "--repeats", "2", "--matmul_n", "256", "--matmul_repeats", "3"],
+              ["tokens_per_s", "mfu_vs_cpu_matmul_peak"]),
+}
+
+
+def test_every_benchmark_has_a_smoke_case():
+    missing = sorted(set(available()) - set(CASES) - {"pipeline", "dep"})
+    assert not missing, f"add a smoke case for {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_benchmark_prints_its_figures(name):
+    args, keys = CASES[name]
+    out = subprocess.run([sys.executable, "-m", "experiments.bench", name, *args], capture_output=True, text=True,
+                         timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    for k in keys:
+        assert math.isfinite(result[k]) and result[k] > 0, (k, result[k])

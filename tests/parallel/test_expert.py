@@ -1,0 +1,136 @@
+"""Expert parallelism (k25/parallel/expert.py) equals the single-device MoE: outputs, gradients, counts."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from k25.model import moe
+from k25.model.config import tiny
+from k25.model.decoder import K2Model
+from k25.model.remat import remat_wrapper
+from k25.parallel.expert import a2a_bytes_per_step, ambient_ep
+from k25.parallel.mesh import batch_sharding, make_mesh, state_shardings
+from k25.train.state import split_model
+
+MESHES = [(1, 2, 4), (1, 1, 8), (2, 1, 4)]
+
+
+def mesh_of(shape):
+    return make_mesh(dict(zip(("pp", "dp", "ep"), shape)))
+
+
+def moe_layer(**overrides):
+    """A tiny MoE with a random routing bias and enlarged experts, so routing spreads over all experts."""
+    cfg = tiny(moe_block_size=8, **overrides)
+    layer = moe.MoE(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    layer.bias[...] = jnp.asarray(rng.normal(0, 0.3, cfg.n_routed_experts), jnp.float32)
+    layer.router[...] = layer.router[...] * 10.0
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        w = getattr(layer.experts, name)
+        w[...] = w[...] * 5.0
+    return cfg, layer
+
+
+def value_and_grad_fn(layer, cot, remat=None):
+    """jit(value_and_grad) of sum(out * cot) w.r.t. (params, x), aux (out, counts); and the params."""
+    model_def, params, buffers = split_model(layer)
+
+    def f(p, x):
+        call = lambda p, x: model_def.merge(p, buffers)(x)
+        out, counts = (remat(call) if remat else call)(p, x)
+        return jnp.sum(out * cot), (out, counts)
+
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True)), params
+
+
+def on_mesh(layer, params, x, mesh):
+    """params and x placed as training places them: experts over ep, batch over (dp, ep)."""
+    ps = jax.device_put(params, state_shardings(nnx.split(layer, nnx.Param, ...)[1], mesh))
+    return ps, jax.device_put(x, batch_sharding(mesh))
+
+
+@pytest.mark.parametrize("impl", ["blocked", "ragged_dot"])
+def test_ep_moe_matches_single_device(impl):
+    cfg, layer = moe_layer(grouped_gemm=impl)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(8, 8, cfg.hidden_size)), jnp.float32)
+    cot = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    fn, params = value_and_grad_fn(layer, cot)
+    (_, (out0, counts0)), grads0 = fn(params, x)
+    assert ambient_ep() == 1
+    for shape in MESHES:
+        mesh = mesh_of(shape)
+        fn, _ = value_and_grad_fn(layer, cot)  # a fresh jit: the mesh changes the trace
+        with jax.set_mesh(mesh):
+            assert ambient_ep() == shape[2]
+            (_, (out, counts)), grads = fn(*on_mesh(layer, params, x, mesh))
+        np.testing.assert_allclose(out, out0, atol=1e-5, err_msg=str(shape))
+        np.testing.assert_array_equal(counts, counts0, err_msg=str(shape))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=str(shape)),
+                     grads, grads0)
+    assert float(counts0.sum()) == x.shape[0] * x.shape[1] * cfg.num_experts_per_tok
+    assert np.all(np.asarray(counts0).reshape(8, -1).sum(1) > 0)  # every rank receives rows at ep=8
+
+
+def test_ep_pads_tokens_that_do_not_divide():
+    cfg, layer = moe_layer(grouped_gemm="blocked")
+    x = jax.random.normal(jax.random.key(3), (1, 13, cfg.hidden_size))  # 13 tokens over dp*ep = 8 ranks
+    out0, counts0 = jax.jit(lambda x: layer(x))(x)
+    with jax.set_mesh(mesh_of((1, 2, 4))):
+        out, counts = jax.jit(lambda x: layer(x))(x)
+    np.testing.assert_allclose(out, out0, atol=1e-5)
+    np.testing.assert_array_equal(counts, counts0)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 4), (2, 1, 4)])
+def test_k2_model_logits_and_counts_match(shape):
+    cfg = tiny(grouped_gemm="blocked", moe_block_size=8, first_k_dense_replace=2)  # 2 layers of each kind: pp=2
+    model = K2Model(cfg, rngs=nnx.Rngs(0))
+    model_def, params, buffers = split_model(model)
+    ids = jax.random.randint(jax.random.key(0), (8, 16), 0, cfg.vocab_size)
+
+    def fwd(p, b, ids):
+        o = model_def.merge(p, b)(ids)
+        return o.logits, o.expert_counts
+
+    logits0, counts0 = jax.jit(fwd)(params, buffers, ids)
+    mesh = mesh_of(shape)
+    _, p_state, b_state = nnx.split(model, nnx.Param, ...)
+    with jax.set_mesh(mesh):
+        args = (jax.device_put(params, state_shardings(p_state, mesh)),
+                jax.device_put(buffers, state_shardings(b_state, mesh)), jax.device_put(ids, batch_sharding(mesh)))
+        lowered = jax.jit(fwd).lower(*args)
+        assert "all_to_all" in lowered.as_text()
+        logits, counts = lowered.compile()(*args)
+    np.testing.assert_allclose(logits, logits0, atol=1e-5, rtol=1e-4)
+    np.testing.assert_array_equal(counts, counts0)
+
+
+@pytest.mark.parametrize("remat", ["none", "selective", "full"])
+def test_a2a_bytes_match_the_compiled_all_to_alls(remat):
+    cfg, layer = moe_layer(grouped_gemm="blocked", remat=remat)
+    shape = (1, 2, 4)
+    mesh, ep, n_dev = mesh_of(shape), shape[2], int(np.prod(shape))
+    x = jnp.ones((8, 8, cfg.hidden_size), jnp.float32)
+    fn, params = value_and_grad_fn(layer, x, remat_wrapper(remat))
+    with jax.set_mesh(mesh):
+        text = fn.lower(*on_mesh(layer, params, x, mesh)).as_text()
+    float_bytes = 0
+    for dims in re.findall(r"stablehlo\.all_to_all.*?-> tensor<([0-9x]+)xf32>", text):
+        float_bytes += int(np.prod([int(d) for d in dims.split("x")])) * 4
+    off_device = float_bytes * n_dev * (ep - 1) // ep  # each device keeps its own chunk
+    tokens = x.shape[0] * x.shape[1]
+    assert off_device * cfg.num_moe_layers == a2a_bytes_per_step(cfg, tokens, ep, 4)
+    assert a2a_bytes_per_step(cfg, tokens, 1, 4) == 0
+
+
+def test_experts_not_divisible_by_ep_is_an_error():
+    cfg, layer = moe_layer(n_routed_experts=12)
+    x = jnp.ones((1, 8, cfg.hidden_size), jnp.float32)
+    with jax.set_mesh(mesh_of((1, 1, 8))), pytest.raises(ValueError, match=r"n_routed_experts=12.*mesh\.ep=8"):
+        layer(x)
