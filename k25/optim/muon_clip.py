@@ -14,6 +14,10 @@ Parameter split (`label_params`), decided from the parameter paths and shapes, n
   (non-Nesterov) AdamW at the same learning rate and weight decay.
 Paths are matched by suffix, so the K2.5 tree (`language_model/...`, `vision_tower/...`) is labelled the same way.
 
+Freezing (`trainable`): leaves outside the given path prefixes are labelled "frozen" and get
+`optax.set_to_zero()` updates (no state, no weight decay), so they stay bit-for-bit unchanged; this is how a
+stage trains only part of a model (e.g. K2.5's projector-only alignment) without a second optimizer.
+
 The routing correction bias (`ExpertBias`) is not an `nnx.Param`, so it is absent from
 `nnx.to_pure_dict(nnx.state(model, nnx.Param))`; `label_params` refuses a tree that contains it.
 
@@ -35,6 +39,7 @@ is shared by all heads (kv_a_proj_with_mqa), so it is never touched; V columns a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -46,6 +51,7 @@ from k25.model.config import K2Config
 
 MUON = "muon"
 ADAMW = "adamw"
+FROZEN = "frozen"
 # Full-rank leaves that still belong to AdamW: the input embedding table and the output classifier.
 ADAMW_PATHS = ("embed_tokens/embedding", "lm_head/kernel")
 # Leaf names that are vectors however they are stacked.
@@ -83,9 +89,32 @@ def _label(path: tuple[Any, ...], x: Any) -> str:
     return MUON
 
 
-def label_params(params: Any) -> Any:
-    """Pytree of "muon" / "adamw", one per leaf of `params` (arrays or anything with `.shape`)."""
-    return jax.tree_util.tree_map_with_path(_label, params)
+def label_params(params: Any, trainable: Sequence[str] = ()) -> Any:
+    """Pytree of "muon" / "adamw", one per leaf of `params` (arrays or anything with `.shape`).
+
+    `trainable`: path prefixes ("mm_projector", "vision_tower/layers"); when given, every leaf under none
+    of them is labelled "frozen". Empty: everything trains.
+    """
+    prefixes = tuple(p.strip("/") for p in trainable)
+
+    def label(path: tuple[Any, ...], x: Any) -> str:
+        name = _path_str(path)
+        if prefixes and not any(name == p or name.startswith(p + "/") for p in prefixes):
+            return FROZEN
+        return _label(path, x)
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    if prefixes and all(v == FROZEN for v in jax.tree.leaves(labels)):
+        raise ValueError(f"trainable={list(trainable)} matches no parameter; prefixes are '/'-joined paths of the "
+                         "param dict, e.g. 'mm_projector' or 'vision_tower/layers'.")
+    return labels
+
+
+def _partition(branches: dict[str, optax.GradientTransformation], labels: Any) -> optax.GradientTransformation:
+    """optax.partition of `branches`, plus set_to_zero for frozen leaves when there are any."""
+    if FROZEN in jax.tree.leaves(labels):
+        branches = {**branches, FROZEN: optax.set_to_zero()}
+    return optax.partition(branches, labels)
 
 
 def _muon_dim_numbers(updates: Any) -> Any:
@@ -110,19 +139,23 @@ def scale_by_consistent_rms(rms_scale: float = 0.2) -> optax.GradientTransformat
 
 
 def adamw(params: Any = None, *, learning_rate: optax.ScalarOrSchedule, weight_decay: float = 0.1,
-          b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8) -> optax.GradientTransformation:
+          b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, trainable: Sequence[str] = ()
+          ) -> optax.GradientTransformation:
     """Plain (non-Nesterov) AdamW on every parameter: the baseline MuonClip is benchmarked against.
 
-    `params` is unused (kept so both optimizers are built the same way).
+    `params` is only needed with `trainable` (path prefixes; every other leaf is frozen).
     """
-    del params
-    return optax.adamw(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                       nesterov=False)
+    tx = optax.adamw(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, nesterov=False)
+    if not trainable:
+        return tx
+    labels = jax.tree.map(lambda lab: ADAMW if lab != FROZEN else FROZEN, label_params(params, trainable))
+    return _partition({ADAMW: tx}, labels)
 
 
 def muon_clip(params: Any, *, learning_rate: optax.ScalarOrSchedule, weight_decay: float = 0.1, b1: float = 0.9,
               b2: float = 0.95, eps: float = 1e-8, muon_momentum: float = 0.95, nesterov: bool = True,
-              ns_steps: int = 5, rms_scale: float = 0.2) -> optax.GradientTransformation:
+              ns_steps: int = 5, rms_scale: float = 0.2, trainable: Sequence[str] = ()
+              ) -> optax.GradientTransformation:
     """The MuonClip optimizer update (QK-Clip itself is `qk_clip`, applied to the weights after this update).
 
     `params`: the pure param dict (or its shapes) the optimizer will be used on; the Muon/AdamW labels are
@@ -130,8 +163,9 @@ def muon_clip(params: Any, *, learning_rate: optax.ScalarOrSchedule, weight_deca
     `params` (for the weight decay).
     Muon leaves: Nesterov momentum -> Newton-Schulz (ns_steps, optax's quintic coefficients) per matrix ->
     consistent-RMS scale -> decoupled weight decay -> -lr. AdamW leaves: optax.adamw(b1, b2, eps, weight_decay).
+    `trainable`: path prefixes that train; every other leaf is frozen (see `label_params`). Empty: all train.
     """
-    labels = label_params(params)
+    labels = label_params(params, trainable)
     muon_branch = optax.chain(
         scale_by_muon(ns_steps=ns_steps, beta=muon_momentum, eps=eps, nesterov=nesterov,
                       weight_dimension_numbers=_muon_dim_numbers),
@@ -140,7 +174,7 @@ def muon_clip(params: Any, *, learning_rate: optax.ScalarOrSchedule, weight_deca
         optax.scale_by_learning_rate(learning_rate),
     )
     adamw_branch = adamw(learning_rate=learning_rate, weight_decay=weight_decay, b1=b1, b2=b2, eps=eps)
-    return optax.partition({MUON: muon_branch, ADAMW: adamw_branch}, labels)
+    return _partition({MUON: muon_branch, ADAMW: adamw_branch}, labels)
 
 
 # ---------------------------------------------------------------------------------------------- NS FLOPs

@@ -27,12 +27,16 @@ def build_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.
 
 def build_optimizer(optim: ml_collections.ConfigDict, params: Any, total_steps: int
                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """`optim.trainable` (optional): param path prefixes that train; every other parameter is frozen."""
     schedule = build_schedule(optim, total_steps)
+    trainable = tuple(optim.get("trainable", None) or ())
     if optim.name == "muon_clip":
         tx = muon_clip(params, learning_rate=schedule, weight_decay=optim.weight_decay, b1=optim.b1, b2=optim.b2,
-                       muon_momentum=optim.muon_momentum, ns_steps=optim.ns_steps, rms_scale=optim.rms_scale)
+                       muon_momentum=optim.muon_momentum, ns_steps=optim.ns_steps, rms_scale=optim.rms_scale,
+                       trainable=trainable)
     elif optim.name == "adamw":
-        tx = adamw(params, learning_rate=schedule, weight_decay=optim.weight_decay, b1=optim.b1, b2=optim.b2)
+        tx = adamw(params, learning_rate=schedule, weight_decay=optim.weight_decay, b1=optim.b1, b2=optim.b2,
+                   trainable=trainable)
     else:
         raise ValueError(f"config.optim.name={optim.name!r} is unknown; choose one of {OPTIMIZERS}.")
     return tx, schedule
