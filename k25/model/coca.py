@@ -6,12 +6,18 @@ The vision tokens are MoonViT's own output: each chunk averaged over time and gr
 (`VisionOutput.pooled`), so an image and a 4-frame video of the same size give the same number of tokens,
 exactly what the K2.5 projector would receive. Batches hold one grid for all examples, passed as the shape
 of `pixel_values` (b, t, h, w, C*p*p); the packed MoonViT input and its `grid_thw` are derived from it.
+
+`pack_size` examples are packed into one MoonViT sequence and the packs are vmapped. Attention is
+block-diagonal per chunk either way, so the result does not depend on it; what changes is the cost of
+MoonViT's dense masked attention, quadratic in the packed length (a whole batch of 64 four-frame videos
+would be one 4096-patch sequence).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +35,7 @@ class CoCaConfig:
     embed_dim: int = 64  # shared contrastive embedding width
     init_log_temperature: float = math.log(10.0)  # SigLIP: t' = log 10, t = exp(t')
     init_bias: float = -10.0  # SigLIP: b = -10 offsets the n-1 negatives per positive at the start
+    pack_size: int = 8  # examples per packed MoonViT sequence (0: the whole batch); see encode_in_packs
 
     def validate(self) -> CoCaConfig:
         self.vision.validate()
@@ -38,10 +45,25 @@ class CoCaConfig:
         return self
 
 
-def packed_vision_input(pixel_values: jnp.ndarray) -> tuple[jnp.ndarray, tuple[tuple[int, int, int], ...]]:
+Grid = tuple[tuple[int, int, int], ...]
+
+
+def packed_vision_input(pixel_values: jnp.ndarray) -> tuple[jnp.ndarray, Grid]:
     """(b, t, h, w, P) same-grid examples -> MoonViT's packed (b*t*h*w, P) patches and static grid_thw."""
     b, t, h, w, p = pixel_values.shape
     return pixel_values.reshape(b * t * h * w, p), ((t, h, w),) * b
+
+
+def encode_in_packs(encode: Callable[[jnp.ndarray, Grid], jnp.ndarray], pixel_values: jnp.ndarray,
+                    pack_size: int) -> jnp.ndarray:
+    """`encode(packed, grid_thw) -> (tokens, ...)` over packs of `pack_size` same-grid examples (vmapped),
+    returned per example: (b, tokens per example, ...). `pack_size` must divide the batch (else: one pack)."""
+    b = pixel_values.shape[0]
+    g = pack_size if 0 < pack_size <= b and b % pack_size == 0 else b
+    packs = pixel_values.reshape(b // g, g, *pixel_values.shape[1:])
+    grid = packed_vision_input(packs[0])[1]
+    out = jax.vmap(lambda px: encode(packed_vision_input(px)[0], grid))(packs)
+    return out.reshape(b, -1, *out.shape[2:])
 
 
 def l2_normalize(x: jnp.ndarray) -> jnp.ndarray:
@@ -66,10 +88,9 @@ class CoCa(nnx.Module):
 
     def vision_tokens(self, pixel_values: jnp.ndarray) -> jnp.ndarray:
         """(b, t, h, w, P) -> (b, h*w, D): each example's time-averaged patches, 2x2 groups in raster order."""
-        b = pixel_values.shape[0]
-        packed, grid = packed_vision_input(pixel_values)
-        pooled = self.vision_tower(packed, grid).pooled  # (b * h*w/4, 4, D)
-        return pooled.reshape(b, -1, pooled.shape[-1])
+        pooled = encode_in_packs(lambda px, grid: self.vision_tower(px, grid).pooled, pixel_values,
+                                 self.cfg.pack_size)  # (b, h*w/4, 4, D)
+        return pooled.reshape(pooled.shape[0], -1, pooled.shape[-1])
 
     def image_embedding(self, tokens: jnp.ndarray) -> jnp.ndarray:
         """Mean of the vision tokens -> LayerNorm -> linear, L2-normalised: (b, embed_dim)."""
