@@ -8,6 +8,7 @@ out of the stack.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -68,13 +69,20 @@ def stacked(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> n
 def scan_layers(stack: nnx.Module, x: jnp.ndarray, *args, remat: Callable | None = None):
     """Run a stacked module layer by layer with lax.scan; returns (x, stacked per-layer aux)."""
     graphdef, state = nnx.split(stack)
+    return scan_state(graphdef, (state,), x, *args, remat=remat)
 
-    def body(h, layer_state):
-        return nnx.merge(graphdef, layer_state)(h, *args)
+
+def scan_state(graphdef: nnx.GraphDef, states: tuple[Any, ...], x: jnp.ndarray, *args,
+               remat: Callable | None = None):
+    """`scan_layers` on a split stack (`nnx.merge(graphdef, *states)`); the states may hold any slice of the
+    layers, which is how the pipeline runs its chunks (k25/train/pipelined_lm.py) with the same code."""
+
+    def body(h, layer_states):
+        return nnx.merge(graphdef, *layer_states)(h, *args)
 
     if remat is not None:
         body = remat(body)
-    return jax.lax.scan(body, x, state)
+    return jax.lax.scan(body, x, states)
 
 
 class K2Model(nnx.Module):
@@ -95,9 +103,10 @@ class K2Model(nnx.Module):
     def embed(self, input_ids: jnp.ndarray) -> jnp.ndarray:
         return self.embed_tokens(input_ids)
 
-    def __call__(self, input_ids: jnp.ndarray | None = None, *, inputs_embeds: jnp.ndarray | None = None,
-                 positions: jnp.ndarray | None = None, segment_ids: jnp.ndarray | None = None) -> DecoderOutput:
-        """input_ids (b, s) int32 (or inputs_embeds (b, s, d)); positions/segment_ids (b, s) for packed rows."""
+    def inputs(self, input_ids: jnp.ndarray | None = None, *, inputs_embeds: jnp.ndarray | None = None,
+               positions: jnp.ndarray | None = None, segment_ids: jnp.ndarray | None = None
+               ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+        """What the layers consume: (hidden (b, s, d), rope cos, rope sin, attention mask (b, 1, s, s))."""
         cfg = self.cfg
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(cfg.compute_dtype)
         b, s = h.shape[:2]
@@ -106,7 +115,14 @@ class K2Model(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((b, s), jnp.int32)
         cos, sin = rope_cos_sin(positions, cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
-        mask = attention_mask(segment_ids)
+        return h, cos, sin, attention_mask(segment_ids)
+
+    def __call__(self, input_ids: jnp.ndarray | None = None, *, inputs_embeds: jnp.ndarray | None = None,
+                 positions: jnp.ndarray | None = None, segment_ids: jnp.ndarray | None = None) -> DecoderOutput:
+        """input_ids (b, s) int32 (or inputs_embeds (b, s, d)); positions/segment_ids (b, s) for packed rows."""
+        cfg = self.cfg
+        h, cos, sin, mask = self.inputs(input_ids, inputs_embeds=inputs_embeds, positions=positions,
+                                        segment_ids=segment_ids)
         remat = remat_wrapper(cfg.remat, cfg.remat_offload)
         max_logits, counts = [], jnp.zeros((0, cfg.n_routed_experts), jnp.float32)
         if self.dense_layers is not None:
@@ -118,6 +134,15 @@ class K2Model(nnx.Module):
         return DecoderOutput(logits=self.logits(self.norm(h)), max_attn_logits=jnp.concatenate(max_logits, 0),
                              expert_counts=counts)
 
+    def head_modules(self) -> tuple[RMSNorm, Embed | Linear]:
+        """The final norm and the output projection (the embedding table when tied): the loss head."""
+        return self.norm, self.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head
+
     def logits(self, h: jnp.ndarray) -> jnp.ndarray:
-        out = self.embed_tokens.attend(h) if self.cfg.tie_word_embeddings else self.lm_head(h)
-        return out.astype(jnp.float32)
+        return project_logits(self.head_modules()[1], h)
+
+
+def project_logits(proj: Embed | Linear, h: jnp.ndarray) -> jnp.ndarray:
+    """float32 logits from normed hidden states through the LM head (or the tied embedding table)."""
+    out = proj.attend(h) if isinstance(proj, Embed) else proj(h)
+    return out.astype(jnp.float32)

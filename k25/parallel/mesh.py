@@ -66,11 +66,22 @@ def logical_to_spec(axes: tuple[str | None, ...] | None, mesh: Mesh) -> P:
 
 
 def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
-    """NamedShardings for an NNX State from each variable's `out_sharding` logical axes, as a pure dict."""
-    specs = nnx.get_partition_spec(state)
-    pure = nnx.to_pure_dict(specs)
-    return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_spec(tuple(s), mesh)), pure,
-                        is_leaf=lambda x: isinstance(x, P))
+    """NamedShardings for an NNX State from each variable's `out_sharding` logical axes, as a pure dict.
+
+    A mesh axis that does not divide its dimension is dropped (that dimension is replicated): e.g. K2's
+    single dense layer, or 60 MoE layers, on pp=16 keep their `layers` axis whole.
+    """
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+    shapes = nnx.to_pure_dict(state)
+
+    def sharding(spec: P, value: Any) -> NamedSharding:
+        parts = []
+        for dim, part in zip(np.shape(value), logical_to_spec(tuple(spec), mesh)):
+            size = math.prod(mesh.shape[a] for a in (part if isinstance(part, tuple) else (part,))) if part else 1
+            parts.append(part if dim % size == 0 else None)
+        return NamedSharding(mesh, P(*parts))
+
+    return jax.tree.map(sharding, specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -19,6 +19,7 @@ from k25.model.config import K2Config
 from k25.model.decoder import K2Model
 from k25.model.params import count_params
 from k25.train.generate import greedy_decode
+from k25.train.pipelined_lm import pipeline_settings, pipelined_decoder_loss
 from k25.train.step import StepConfig
 
 
@@ -30,13 +31,19 @@ def model_config(config: ml_collections.ConfigDict) -> K2Config:
         raise ValueError(f"config.model: {e}") from None
 
 
+def token_loss_sum(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(summed next-token cross-entropy over `loss_mask`, number of loss tokens)."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    mask = loss_mask.astype(jnp.float32)
+    return jnp.sum(ce * mask), jnp.sum(mask)
+
+
 def lm_loss(model: nnx.Module, batch: dict) -> tuple[jax.Array, dict]:
     """Summed next-token cross-entropy over `loss_mask`; documents never attend across segments."""
     out = model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-    ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"])
-    mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(ce * mask), {"num_tokens": jnp.sum(mask), "max_attn_logits": out.max_attn_logits,
-                                "expert_counts": out.expert_counts}
+    loss, num_tokens = token_loss_sum(out.logits, batch["targets"], batch["loss_mask"])
+    return loss, {"num_tokens": num_tokens, "max_attn_logits": out.max_attn_logits,
+                  "expert_counts": out.expert_counts}
 
 
 class TextLMStage:
@@ -47,6 +54,7 @@ class TextLMStage:
         if self.tokenizer.vocab_size > self.model_cfg.vocab_size:
             raise ValueError(f"config.model.vocab_size={self.model_cfg.vocab_size} is smaller than the tokenizer's "
                              f"vocabulary ({self.tokenizer.vocab_size}); raise config.model.vocab_size.")
+        self.pipeline = pipeline_settings(config, self.model_cfg)
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         return K2Model(self.model_cfg, rngs=rngs)
@@ -55,6 +63,9 @@ class TextLMStage:
         return count_params(self.model_cfg)
 
     def loss_fn(self, model, batch):
+        """The whole model at once, or through the pipeline when mesh.pp > 1 or pipeline.microbatches > 1."""
+        if self.pipeline.enabled:
+            return pipelined_decoder_loss(model, batch, self.pipeline, token_loss_sum)
         return lm_loss(model, batch)
 
     def step_config(self) -> StepConfig:

@@ -1,0 +1,300 @@
+"""Pipeline parallelism over the `pp` mesh axis: gpipe, and interleaved 1F1B with an explicit backward.
+
+The pipelined part of a model is a stack of L identical layers (stacked pure-dict parameters, leading axis
+L in layer order), cut into p*v chunks of L/(p*v) layers; chunk j = r*p + s runs on stage s (circular
+repeats, see k25/parallel/schedule.py). Before the pipeline the caller has split the batch into m
+microbatches `x (m, mb, ...)`; after the last chunk, `head_fn` turns a microbatch's output into its summed
+loss, on the last stage, as soon as that microbatch is done. `pipeline_loss` returns the loss summed over
+microbatches and the stage/head statistics, and is differentiable w.r.t. the stage parameters, the head
+parameters and `x`:
+
+  * `gpipe`: the tick loop runs the forwards only; `jax.grad` differentiates through it (all forwards,
+    then the backward replaying the ticks in reverse), so autodiff keeps every tick's residuals alive.
+  * `1f1b`: a `jax.custom_vjp` whose forward *is* the whole one-forward-one-backward tick loop. A forward
+    unit calls `jax.vjp` on its chunk and parks the residual leaves of the returned VJP in a slot buffer;
+    the unit's backward, ticks later, rebuilds the VJP from the slot and applies it to the cotangent that
+    came back from the next stage (or from the loss head). Gradients are accumulated per chunk as the loop
+    goes, and the custom_vjp's backward only scales them by the incoming cotangent. Live residuals are
+    bounded by the schedule's slots (at most (p - s - 1) + (v - 1)*p + 1 units on stage s), not by m.
+    Residual leaves that *are* the chunk's parameters are not stored; the backward selects them again.
+
+How the stages run: `jax.shard_map` over `pp` only (`axis_names={"pp"}`), so inside a stage the dp/ep axes
+stay automatic and the model code is the ordinary, unpipelined code, including the expert-parallel MoE,
+whose own `shard_map` over dp/ep nests inside this one (k25/parallel/expert.py). Each tick a stage reads
+its instruction from the static schedule table and `lax.switch`es to idle / forward / forward+head /
+backward, so an idle stage really skips the work (a `vmap` over stages, MaxText's choice, would run every
+branch on every stage and select); activations and cotangents move one stage per tick by `ppermute`.
+
+The outer shard_map uses `check_vma=False`. With jax 0.10.2's default `check_vma=True`, differentiating
+the nested expert-parallel shard_map fails to lower: `ShapedArray.nospec` names a residual's varying axes
+in mesh order, ("pp", "dp", "ep"), and Shardy rejects the inner manual computation because the outer
+manual axis `pp` comes before its own `dp` (a TODO in jax's core.py). Without vma checking the outer
+residuals carry no `pp` annotation and the nested shard_map lowers. The code here does not depend on
+vma-typed transposes: values cross stages only through `ppermute` (its transpose is the reverse
+permutation) and leave the shard_map stacked per stage (`out_specs=P("pp")`); inputs replicated over pp
+get their cotangents psummed by the shard_map transpose, which is what they need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
+
+from k25.parallel import schedule as sched
+from k25.parallel.schedule import Schedule
+
+PP = "pp"
+_PARAMS = "pipeline_chunk_params"  # checkpoint name: gpipe recomputes the chunk slice instead of saving it
+
+# stage_fn(chunk_params, chunk_buffers, x, side_i) -> (y, aux dict of per-layer stats, stacked over the chunk)
+StageFn = Callable[[Any, Any, jax.Array, Any], tuple[jax.Array, dict]]
+# head_fn(head_params, y, head_data_i) -> (loss_sum, aux dict of scalars)
+HeadFn = Callable[[Any, jax.Array, Any], tuple[jax.Array, dict]]
+
+
+def _take(tree: Any, i: jax.Array) -> Any:
+    """Row i of every leaf (dynamic index along axis 0)."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
+
+
+def _put(buf: jax.Array, k: jax.Array, value: jax.Array) -> jax.Array:
+    """buf[k] = value where k >= 0; unchanged for k = -1 (rewrites slot 0 with itself)."""
+    k0 = jnp.maximum(k, 0)
+    return buf.at[k0].set(jnp.where(k >= 0, value, buf[k0]))
+
+
+def _merge_aux(acc: dict, new: dict) -> dict:
+    """Microbatch statistics: keys starting with `max_` take the maximum, the rest add (as k25.train.step)."""
+    return {k: jnp.maximum(acc[k], new[k]) if k.startswith("max_") else acc[k] + new[k] for k in acc}
+
+
+def _aux_init(shapes: dict) -> dict:
+    return {k: jnp.full(s.shape, -jnp.inf if k.startswith("max_") else 0, s.dtype) for k, s in shapes.items()}
+
+
+def _to_stages(tree: Any, p: int, v: int) -> Any:
+    """(L, ...) in layer order -> (p, v, L/(p*v), ...): chunk j = r*p + s goes to [s, r]."""
+    return jax.tree.map(lambda a: jnp.swapaxes(a.reshape(v, p, a.shape[0] // (p * v), *a.shape[1:]), 0, 1), tree)
+
+
+def _from_stages(tree: Any) -> Any:
+    """Inverse of `_to_stages`."""
+    return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1).reshape(-1, *a.shape[3:]), tree)
+
+
+class _Tick:
+    """One stage's view of the tick loop: the branches `lax.switch` picks from the schedule table."""
+
+    def __init__(self, s: Schedule, stage_fn: StageFn, head_fn: HeadFn, sp: Any, sb: Any, hp: Any, x: jax.Array,
+                 side: Any, hdata: Any):
+        self.s, self.stage_fn, self.head_fn = s, stage_fn, head_fn
+        self.sp, self.sb, self.hp, self.x, self.side, self.hdata = sp, sb, hp, x, side, hdata
+        self.me = jax.lax.axis_index(PP)
+        x0, side0 = x[0], _take(side, 0)
+        y_shape, self.aux_shapes = jax.eval_shape(lambda p, b: stage_fn(p, b, x0, side0), _take(sp, 0), _take(sb, 0))
+        _, self.head_aux_shapes = jax.eval_shape(lambda h: head_fn(h, x0, _take(hdata, 0)), hp)
+        self.zero = jnp.zeros(x.shape[1:], x.dtype)
+
+    # ------------------------------------------------------------------ pieces shared by both schedules
+    def unit_input(self, c: dict, row: jax.Array) -> jax.Array:
+        """The chunk's input: the microbatch itself for the first chunk, else what waits in the x buffer."""
+        fresh = jnp.asarray(self.x)[row[sched.MICRO]]
+        held = c["xbuf"][jnp.maximum(row[sched.X_SLOT], 0)]
+        return jnp.where(row[sched.X_SLOT] < 0, fresh, held)
+
+    def chunk_call(self, p: Any, r: jax.Array, i: jax.Array) -> Callable[[Any, jax.Array], tuple[jax.Array, dict]]:
+        b, side = _take(self.sb, r), _take(self.side, i)
+        return lambda p, x: self.stage_fn(p, b, x, side)
+
+    def record_aux(self, c: dict, r: jax.Array, aux: dict) -> dict:
+        old = _take(c["aux"], r)
+        return {k: c["aux"][k].at[r].set(v) for k, v in _merge_aux(old, aux).items()}
+
+    def head(self, hp: Any, y: jax.Array, i: jax.Array) -> tuple[jax.Array, dict]:
+        return self.head_fn(hp, y, _take(self.hdata, i))
+
+    def idle(self, c: dict, row: jax.Array) -> tuple[dict, jax.Array, jax.Array]:
+        return c, self.zero, self.zero
+
+
+class _GPipeTick(_Tick):
+    """Forward-only ticks; autodiff supplies the backward."""
+
+    def init(self) -> dict:
+        s = self.s
+        return {"xbuf": jnp.zeros((max(s.x_slots, 1), *self.x.shape[1:]), self.x.dtype),
+                "aux": _aux_init({k: jax.ShapeDtypeStruct((s.virtual, *a.shape), a.dtype)
+                                  for k, a in self.aux_shapes.items()}),
+                "head_aux": _aux_init(self.head_aux_shapes), "loss": jnp.zeros((), jnp.float32)}
+
+    def forward(self, c: dict, row: jax.Array, with_head: bool) -> tuple[dict, jax.Array, jax.Array]:
+        r, i = row[sched.CHUNK], row[sched.MICRO]
+
+        def unit(sp, x):  # the chunk's parameters are re-sliced in the backward, not saved per tick
+            p = jax.tree.map(lambda a: checkpoint_name(a, _PARAMS), _take(sp, r))
+            return self.chunk_call(p, r, i)(p, x)
+
+        policy = jax.checkpoint_policies.save_anything_except_these_names(_PARAMS)
+        y, aux = jax.checkpoint(unit, policy=policy)(self.sp, self.unit_input(c, row))
+        c = dict(c, aux=self.record_aux(c, r, aux))
+        if not with_head:
+            return c, y, self.zero
+        loss, haux = self.head(self.hp, y, i)
+        return dict(c, loss=c["loss"] + loss, head_aux=_merge_aux(c["head_aux"], haux)), self.zero, self.zero
+
+    def branches(self) -> list[Callable]:
+        return [self.idle, lambda c, row: self.forward(c, row, False), lambda c, row: self.forward(c, row, True),
+                self.idle]
+
+
+class _OneFOneBTick(_Tick):
+    """Forward and backward units; the forward's VJP residuals wait in slots for the backward."""
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        x0, side0 = self.x[0], _take(self.side, 0)
+        p0, b0 = _take(self.sp, 0), _take(self.sb, 0)
+        found: dict[str, Any] = {}
+
+        def residuals(p, x):
+            y, vjp_fn, aux = jax.vjp(lambda p, x: self.stage_fn(p, b0, x, side0), p, x, has_aux=True)
+            leaves, found["treedef"] = jax.tree.flatten(vjp_fn)
+            found["from_params"] = self._param_positions(p, leaves)
+            return [leaf for leaf, k in zip(leaves, found["from_params"]) if k < 0]
+
+        self.res_shapes = jax.eval_shape(residuals, p0, x0)
+        self.treedef, self.from_params = found["treedef"], found["from_params"]
+
+    @staticmethod
+    def _param_positions(p: Any, leaves: list) -> tuple[int, ...]:
+        """For each VJP residual leaf, the index of the parameter leaf it is (identity), else -1."""
+        ids = {id(a): k for k, a in enumerate(jax.tree.leaves(p))}
+        return tuple(ids.get(id(leaf), -1) for leaf in leaves)
+
+    def init(self) -> dict:
+        s, x = self.s, self.x
+        return {"xbuf": jnp.zeros((max(s.x_slots, 1), *x.shape[1:]), x.dtype),
+                "gbuf": jnp.zeros((max(s.g_slots, 1), *x.shape[1:]), x.dtype),
+                "res": [jnp.zeros((max(s.res_slots, 1), *a.shape), a.dtype) for a in self.res_shapes],
+                "aux": _aux_init({k: jax.ShapeDtypeStruct((s.virtual, *a.shape), a.dtype)
+                                  for k, a in self.aux_shapes.items()}),
+                "head_aux": _aux_init(self.head_aux_shapes), "loss": jnp.zeros((), jnp.float32),
+                "grad": jax.tree.map(jnp.zeros_like, self.sp), "head_grad": jax.tree.map(jnp.zeros_like, self.hp),
+                "dx": jnp.zeros_like(x)}
+
+    def forward(self, c: dict, row: jax.Array, with_head: bool) -> tuple[dict, jax.Array, jax.Array]:
+        r, i, k = row[sched.CHUNK], row[sched.MICRO], row[sched.RES_SLOT]
+        p = _take(self.sp, r)
+        y, vjp_fn, aux = jax.vjp(self.chunk_call(p, r, i), p, self.unit_input(c, row), has_aux=True)
+        leaves = jax.tree.leaves(vjp_fn)
+        if self._param_positions(p, leaves) != self.from_params:
+            raise RuntimeError("pipeline 1f1b: the chunk's VJP residuals changed structure between traces.")
+        stored = [leaf for leaf, j in zip(leaves, self.from_params) if j < 0]
+        c = dict(c, aux=self.record_aux(c, r, aux), res=[buf.at[k].set(v) for buf, v in zip(c["res"], stored)])
+        if not with_head:
+            return c, y, self.zero
+        loss, head_vjp, haux = jax.vjp(lambda hp, y: self.head(hp, y, i), self.hp, y, has_aux=True)
+        dhp, dy = head_vjp(jnp.ones_like(loss))
+        c = dict(c, loss=c["loss"] + loss, head_aux=_merge_aux(c["head_aux"], haux),
+                 head_grad=jax.tree.map(jnp.add, c["head_grad"], dhp),
+                 gbuf=c["gbuf"].at[row[sched.G_SLOT]].set(dy.astype(self.x.dtype)))
+        return c, self.zero, self.zero
+
+    def backward(self, c: dict, row: jax.Array) -> tuple[dict, jax.Array, jax.Array]:
+        r, i, k = row[sched.CHUNK], row[sched.MICRO], row[sched.RES_SLOT]
+        params = jax.tree.leaves(_take(self.sp, r))
+        stored = iter([buf[k] for buf in c["res"]])
+        leaves = [params[j] if j >= 0 else next(stored) for j in self.from_params]
+        vjp_fn = jax.tree.unflatten(self.treedef, leaves)
+        dp, dx = vjp_fn(c["gbuf"][row[sched.G_SLOT]])
+        grad = jax.tree.map(lambda acc, g: acc.at[r].add(g), c["grad"], dp)
+        first = (r == 0) & (self.me == 0)  # the gradient w.r.t. the pipeline input, not sent anywhere
+        c = dict(c, grad=grad, dx=_put(c["dx"], jnp.where(first, i, -1), dx))
+        return c, self.zero, jnp.where(first, self.zero, dx)
+
+    def branches(self) -> list[Callable]:
+        return [self.idle, lambda c, row: self.forward(c, row, False), lambda c, row: self.forward(c, row, True),
+                self.backward]
+
+
+def _run(s: Schedule, tick_cls: type[_Tick], stage_fn: StageFn, head_fn: HeadFn, sp: Any, sb: Any, hp: Any,
+         x: jax.Array, side: Any, hdata: Any) -> dict:
+    """The shard_map'd tick loop; returns the final carry (plus `activity`), stacked over stages."""
+    p = s.stages
+    table = np.asarray(s.table)
+    fwd_perm = [(k, (k + 1) % p) for k in range(p)]
+    bwd_perm = [(k, (k - 1) % p) for k in range(p)]
+
+    def body(sp, sb, hp, x, side, hdata):
+        sp, sb = jax.tree.map(lambda a: a[0], (sp, sb))
+        t = tick_cls(s, stage_fn, head_fn, sp, sb, hp, x, side, hdata)
+        branches = t.branches()
+
+        def step(c, rows):
+            row = rows[t.me]
+            c, send_f, send_b = jax.lax.switch(row[sched.OP], branches, c, row)
+            c = dict(c, xbuf=_put(c["xbuf"], row[sched.RECV_X], jax.lax.ppermute(send_f, PP, fwd_perm)))
+            if "gbuf" in c:
+                c = dict(c, gbuf=_put(c["gbuf"], row[sched.RECV_G], jax.lax.ppermute(send_b, PP, bwd_perm)))
+            return c, row[sched.OP]
+
+        c, activity = jax.lax.scan(step, t.init(), jnp.asarray(table))
+        c = {k: v for k, v in c.items() if k not in ("xbuf", "gbuf", "res")}
+        return jax.tree.map(lambda a: a[None], dict(c, activity=activity))
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or PP not in mesh.axis_names:
+        raise ValueError("the pipeline runs over the `pp` axis of the ambient mesh: trace it under "
+                         "`with jax.set_mesh(mesh):` with a mesh from k25.parallel.mesh.make_mesh.")
+    if mesh.shape[PP] != p:
+        raise ValueError(f"schedule for {p} stages but the mesh has pp={mesh.shape[PP]}.")
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(PP), P(PP), P(), P(), P(), P()), out_specs=P(PP),
+                         axis_names={PP}, check_vma=False)(sp, sb, hp, x, side, hdata)
+
+
+def _outputs(s: Schedule, out: dict) -> tuple[jax.Array, dict, dict, jax.Array]:
+    """(loss, stage aux in layer order, head aux, activity (p, ticks)) from the stacked carry."""
+    last = s.stages - 1
+    return out["loss"][last], _from_stages(out["aux"]), jax.tree.map(lambda a: a[last], out["head_aux"]), \
+        out["activity"]
+
+
+def pipeline_loss(s: Schedule, stage_fn: StageFn, head_fn: HeadFn, stage_params: Any, stage_buffers: Any,
+                  head_params: Any, x: jax.Array, side: Any, head_data: Any) -> tuple[jax.Array, dict]:
+    """Summed loss over microbatches and aux {stage stats in layer order, head stats, `pipeline/activity`}.
+
+    stage_params / stage_buffers: stacked (L, ...) in layer order, L divisible by s.stages * s.virtual.
+    x (m, mb, ...): the microbatched pipeline input; side / head_data: pytrees with a leading m axis, row i
+    passed to stage_fn / head_fn for microbatch i. Differentiable w.r.t. stage_params, head_params and x.
+    `pipeline/activity` (p, ticks) holds the op each stage ran at each tick (schedule.IDLE/FWD/...).
+    """
+    p, v = s.stages, s.virtual
+    sp, sb = _to_stages(stage_params, p, v), _to_stages(stage_buffers, p, v)
+    if s.kind == "gpipe":
+        out = _run(s, _GPipeTick, stage_fn, head_fn, sp, sb, head_params, x, side, head_data)
+        loss, aux, head_aux, activity = _outputs(s, out)
+        return loss, {**aux, **head_aux, "pipeline/activity": activity}
+
+    @jax.custom_vjp
+    def run(sp, hp, x, sb, side, hdata):  # not differentiated: the same loop, gradients dropped
+        return fwd(sp, hp, x, sb, side, hdata)[0]
+
+    def fwd(sp, hp, x, sb, side, hdata):
+        out = _run(s, _OneFOneBTick, stage_fn, head_fn, sp, sb, hp, x, side, hdata)
+        grads = (out["grad"], jax.tree.map(lambda a: a[p - 1], out["head_grad"]), out["dx"][0])
+        return _outputs(s, out), grads
+
+    def bwd(grads, cts):
+        ct = cts[0]
+        scale = lambda tree: jax.tree.map(lambda g: (g * ct).astype(g.dtype), tree)  # noqa: E731
+        return (*(scale(g) for g in grads), None, None, None)
+
+    run.defvjp(fwd, bwd)
+    loss, aux, head_aux, activity = run(sp, head_params, x, sb, side, head_data)
+    return loss, {**aux, **head_aux, "pipeline/activity": activity}

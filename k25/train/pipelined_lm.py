@@ -1,0 +1,147 @@
+"""The K2 decoder's training loss run through the pipeline (k25/parallel/pipeline.py), with config checks.
+
+The decoder is cut where its stacks allow: embedding, the `first_k_dense_replace` dense layers and the
+first `num_moe_layers mod (pp * virtual_stages)` MoE layers run before the pipeline (on the whole batch,
+replicated over pp); the remaining MoE layers are the pipeline's p*v chunks; the final norm, LM head and
+loss run on the last stage per microbatch. For K2 (1 dense + 60 MoE layers) on 16 stages, v=1, that is the
+dense layer and 12 MoE layers before and 48 in the pipeline; the leftover layers stay out of the stages so
+that no stage gets more layers than another. Every piece calls the decoder's own modules (`K2Model.inputs`,
+`scan_state` over slices of the stacked layers, `K2Model.head_modules`), so there is one implementation of
+the model math. The pieces before the pipeline are differentiated by the surrounding `jax.value_and_grad`
+(the pipeline is an ordinary differentiable function for gpipe, a `custom_vjp` carrying its own 1F1B
+gradients otherwise), so `k25.train.step` needs nothing pipeline-specific.
+
+The statistics the step needs come out exactly as in the unpipelined run: per-layer max attention logits
+(QK-Clip) are maxima over microbatches, expert counts (bias balancing) sums of integers.
+
+Note on layout: parameters keep the stored order (layer axis sharded over `pp` in contiguous blocks); the
+pipeline regroups them so chunk r*p + s sits on stage s. With virtual_stages=1 this is the stored layout;
+with v > 1 XLA moves (v-1)/v of the pipelined layers' weights between stages each step (and the gradients
+back), a cost a layout that stores layers in chunk order would avoid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from k25.model.config import K2Config
+from k25.model.decoder import K2Model, project_logits, scan_layers, scan_state
+from k25.model.remat import remat_wrapper
+from k25.parallel import schedule as sched
+from k25.parallel.mesh import BATCH_AXES
+from k25.parallel.pipeline import pipeline_loss
+
+TokenLoss = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSettings:
+    """`config.mesh.pp` and `config.pipeline.*`, checked against the model and the batch."""
+
+    stages: int = 1
+    virtual: int = 1
+    microbatches: int = 1
+    schedule: str = "gpipe"
+
+    @property
+    def enabled(self) -> bool:
+        """The pipelined loss is used when there is more than one stage or more than one microbatch."""
+        return self.stages > 1 or self.microbatches > 1
+
+    def build(self) -> sched.Schedule:
+        return sched.build(self.schedule, self.stages, self.virtual, self.microbatches)
+
+
+def pipeline_settings(config: ml_collections.ConfigDict, model_cfg: K2Config) -> PipelineSettings:
+    """Settings from the config; ValueError naming the field and the fix when they cannot work."""
+    pipe = config.get("pipeline", ml_collections.ConfigDict())
+    s = PipelineSettings(stages=int(config.mesh.pp), virtual=int(pipe.get("virtual_stages", 1)),
+                         microbatches=int(pipe.get("microbatches", 1)), schedule=str(pipe.get("schedule", "gpipe")))
+    sched.validate(s.schedule, s.stages, s.virtual, s.microbatches)
+    if not s.enabled:
+        return s
+    chunks = s.stages * s.virtual
+    if model_cfg.num_moe_layers < chunks:
+        raise ValueError(
+            f"config.model has {model_cfg.num_moe_layers} MoE layers (num_hidden_layers - first_k_dense_replace), "
+            f"fewer than the mesh.pp * pipeline.virtual_stages = {chunks} pipeline chunks that need one each; "
+            "lower config.mesh.pp or config.pipeline.virtual_stages, or raise config.model.num_hidden_layers.")
+    data = int(config.mesh.dp) * int(config.mesh.ep)
+    accum = int(config.optim.get("accum_steps", 1))
+    rows = config.batch_size // accum
+    if config.batch_size % accum or rows % (s.microbatches * data):
+        raise ValueError(
+            f"config.batch_size={config.batch_size} (per accumulation step: {config.batch_size / accum:g} rows, "
+            f"optim.accum_steps={accum}) must split into pipeline.microbatches={s.microbatches} microbatches "
+            f"that each divide over the mesh.dp * mesh.ep = {data} data ranks, i.e. be a multiple of "
+            f"{s.microbatches * data * accum}; change config.batch_size or config.pipeline.microbatches.")
+    return s
+
+
+def microbatched(tree: Any, m: int) -> Any:
+    """(B, ...) -> (m, B/m, ...), microbatch j = rows j, j+m, j+2m, ...
+
+    Strided rather than contiguous: each data rank holds a contiguous block of B/n rows, so every
+    microbatch takes B/(n*m) rows from every rank and nothing moves between devices.
+    """
+    def split(a: jax.Array) -> jax.Array:
+        a = jnp.swapaxes(a.reshape(a.shape[0] // m, m, *a.shape[1:]), 0, 1)
+        mesh = jax.sharding.get_abstract_mesh()
+        axes = tuple(ax for ax in BATCH_AXES if not mesh.empty and ax in mesh.axis_names and mesh.shape[ax] > 1)
+        return jax.lax.with_sharding_constraint(a, P(None, axes)) if axes else a
+
+    return jax.tree.map(split, tree)
+
+
+def pipelined_decoder_loss(model: K2Model, batch: dict, settings: PipelineSettings, token_loss: TokenLoss,
+                           *, with_activity: bool = False) -> tuple[jax.Array, dict]:
+    """Like `lm_loss`: (summed token loss, {num_tokens, max_attn_logits, expert_counts}), through the pipeline.
+
+    `token_loss(logits, targets, loss_mask) -> (loss_sum, num_tokens)`. `with_activity` adds
+    `pipeline/activity` (stages, ticks): the op each stage ran at each tick.
+    """
+    cfg = model.cfg
+    p, v, m = settings.stages, settings.virtual, settings.microbatches
+    remat = remat_wrapper(cfg.remat, cfg.remat_offload)
+    h, cos, sin, mask = model.inputs(batch["input_ids"], positions=batch["positions"],
+                                     segment_ids=batch["segment_ids"])
+    max_logits, counts = [], []
+    if model.dense_layers is not None:
+        h, (ml, _) = scan_layers(model.dense_layers, h, cos, sin, mask, remat=remat)
+        max_logits.append(ml)
+    graphdef, params, buffers = nnx.split(model.moe_layers, nnx.Param, ...)
+    before = cfg.num_moe_layers % (p * v)
+    if before:
+        head_part = jax.tree.map(lambda a: a[:before], (params, buffers))
+        h, (ml, c) = scan_state(graphdef, head_part, h, cos, sin, mask, remat=remat)
+        max_logits.append(ml)
+        counts.append(c)
+    params, buffers = jax.tree.map(lambda a: a[before:], (params, buffers))
+
+    def stage_fn(p_chunk: Any, b_chunk: Any, x: jax.Array, side: tuple) -> tuple[jax.Array, dict]:
+        y, (ml, c) = scan_state(graphdef, (p_chunk, b_chunk), x, *side, remat=remat)
+        return y, {"max_attn_logits": ml, "expert_counts": c}
+
+    head_def, head_params, head_rest = nnx.split(model.head_modules(), nnx.Param, ...)
+
+    def head_fn(hp: Any, y: jax.Array, data: dict) -> tuple[jax.Array, dict]:
+        norm, proj = nnx.merge(head_def, hp, head_rest)
+        loss, num_tokens = token_loss(project_logits(proj, norm(y)), data["targets"], data["loss_mask"])
+        return loss, {"num_tokens": num_tokens}
+
+    x, side, data = microbatched((h, (cos, sin, mask), {k: batch[k] for k in ("targets", "loss_mask")}), m)
+    loss, aux = pipeline_loss(settings.build(), stage_fn, head_fn, params, buffers, head_params, x, side, data)
+    out = {"num_tokens": aux["num_tokens"],
+           "max_attn_logits": jnp.concatenate([*max_logits, aux["max_attn_logits"]], 0),
+           "expert_counts": jnp.concatenate([*counts, aux["expert_counts"]], 0)}
+    if with_activity:
+        out["pipeline/activity"] = aux["pipeline/activity"]
+    return loss, out
