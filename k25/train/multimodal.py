@@ -1,0 +1,85 @@
+"""The multimodal (K2.5) training step: `config.dep` picks the Decoupled Encoder Process or end-to-end backprop.
+
+Both paths read the same planned batch and the same loss, so switching `dep` changes memory and balance,
+never the numbers. The host side (`prepare_batch`) turns a raw batch in the HF processor layout (text
+arrays, pixel_values + image_grid_thw, pixel_values_videos + video_grid_thw) into fixed-shape arrays: with
+dep=True the chunks are balanced over every device of the mesh, with dep=False each goes to the device
+that owns its batch row (pipeline stage 0), the conventional layout. The step itself is
+`k25.train.step.make_train_step` with the loss from `k25.parallel.dep.step_loss_fn`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from k25.model.decoder import K2Model
+from k25.model.vision_config import K25Config
+from k25.parallel.dep import EmbedsLoss, step_loss_fn
+from k25.parallel.dep_plan import VisionPlan, balanced_plan, rows_plan
+from k25.train.state import ModelDef, TrainState
+from k25.train.step import StepConfig, make_train_step
+
+TEXT_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
+
+
+def multimodal_lm_loss(language_model: K2Model, embeds: jnp.ndarray, batch: dict) -> tuple[jnp.ndarray, dict]:
+    """Summed next-token cross-entropy over `loss_mask` given input embeddings (media tokens spliced in)."""
+    out = language_model(inputs_embeds=embeds, positions=batch["positions"], segment_ids=batch["segment_ids"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(ce * mask), {"num_tokens": jnp.sum(mask), "max_attn_logits": out.max_attn_logits,
+                                "expert_counts": out.expert_counts}
+
+
+def dep_enabled(config: Any) -> bool:
+    """`config.dep` as a bool (absent: False), rejecting values that are not booleans."""
+    value = config.get("dep", False)
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"config.dep={value!r} must be True or False.")
+    return bool(value)
+
+
+def prepare_batch(raw: dict[str, Any], cfg: K25Config, mesh: Mesh, *, dep: bool,
+                  patch_budget: int | None = None, token_budget: int | None = None) -> tuple[dict, VisionPlan]:
+    """Host arrays for the step (text arrays + the plan's `vision/*` and `media_src`) and the plan itself."""
+    missing = [k for k in TEXT_KEYS if k not in raw]
+    if missing:
+        raise ValueError(f"batch is missing {missing}; a multimodal batch needs {list(TEXT_KEYS)}.")
+    budgets = {"patch_budget": patch_budget, "token_budget": token_budget}
+    plan = (balanced_plan(raw, cfg, mesh.size, **budgets) if dep
+            else rows_plan(raw, cfg, dict(mesh.shape), **budgets))
+    return {**{k: np.asarray(raw[k]) for k in TEXT_KEYS}, **plan.arrays}, plan
+
+
+def make_multimodal_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                               step_cfg: StepConfig, mesh: Mesh, *, dep: bool,
+                               loss_fn: EmbedsLoss = multimodal_lm_loss
+                               ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The un-jitted `(state, batch) -> (state, metrics)`; jit it under `jax.set_mesh(mesh)` like the runtime.
+
+    `step_cfg.text_path` should be ("language_model",) so QK-Clip and balancing find the K2 decoder.
+    """
+    return make_train_step(model_def, step_loss_fn(loss_fn, mesh, dep=dep), optimizer, schedule, step_cfg)
+
+
+def planned_batch_shardings(batch: dict, mesh: Mesh) -> dict:
+    """Text arrays split by rows over the batch axes; `vision/*` split by device over every mesh axis."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from k25.parallel.mesh import batch_sharding
+
+    per_device = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+    return {k: per_device if k.startswith("vision/") else batch_sharding(mesh) for k in batch}
+
+
+def device_put_batch(batch: dict, mesh: Mesh) -> dict:
+    """Place a planned host batch with `planned_batch_shardings`."""
+    return jax.device_put(batch, planned_batch_shardings(batch, mesh))
