@@ -142,8 +142,9 @@ def a2a_bytes_per_step(cfg: K2Config, tokens_per_step: int, ep: int, dtype_bytes
     dispatch and combine forward, their transposes backward; `remat="full"` replays the forward two in
     the backward (six). `selective` keeps them, but its host-offload variant (`remat_offload` off CPU)
     saves only matmul outputs, so it replays them too. Assumes tokens divide by dp*ep (no padding) and
-    leaves out the int32 count exchange ((ep-1)*E/ep*4 bytes per device and layer). The current decoder
-    runs every layer on every pp rank, so with pp > 1 multiply by pp.
+    leaves out the int32 count exchange ((ep-1)*E/ep*4 bytes per device and layer). With pp > 1 the
+    pipeline (k25/train/pipelined_lm.py) runs each pipelined layer on one stage, so pp does not enter,
+    except for the num_moe_layers mod (pp*virtual_stages) layers run before the pipeline on every pp rank.
     """
     if ep <= 1 or cfg.num_moe_layers == 0:
         return 0

@@ -133,7 +133,7 @@ class _GPipeTick(_Tick):
                                   for k, a in self.aux_shapes.items()}),
                 "head_aux": _aux_init(self.head_aux_shapes), "loss": jnp.zeros((), jnp.float32)}
 
-    def forward(self, c: dict, row: jax.Array, with_head: bool) -> tuple[dict, jax.Array, jax.Array]:
+    def forward(self, c: dict, row: jax.Array) -> tuple[dict, jax.Array, jax.Array]:
         r, i = row[sched.CHUNK], row[sched.MICRO]
 
         def unit(sp, x):  # the chunk's parameters are re-sliced in the backward, not saved per tick
@@ -142,15 +142,14 @@ class _GPipeTick(_Tick):
 
         policy = jax.checkpoint_policies.save_anything_except_these_names(_PARAMS)
         y, aux = jax.checkpoint(unit, policy=policy)(self.sp, self.unit_input(c, row))
-        c = dict(c, aux=self.record_aux(c, r, aux))
-        if not with_head:
-            return c, y, self.zero
-        loss, haux = self.head(self.hp, y, i)
-        return dict(c, loss=c["loss"] + loss, head_aux=_merge_aux(c["head_aux"], haux)), self.zero, self.zero
+        return dict(c, aux=self.record_aux(c, r, aux)), y, self.zero
+
+    def head_step(self, c: dict, row: jax.Array, y: jax.Array) -> dict:
+        loss, haux = self.head(self.hp, y, row[sched.MICRO])
+        return dict(c, loss=c["loss"] + loss, head_aux=_merge_aux(c["head_aux"], haux))
 
     def branches(self) -> list[Callable]:
-        return [self.idle, lambda c, row: self.forward(c, row, False), lambda c, row: self.forward(c, row, True),
-                self.idle]
+        return [self.idle, self.forward, self.forward, self.idle]
 
 
 class _OneFOneBTick(_Tick):
@@ -188,7 +187,7 @@ class _OneFOneBTick(_Tick):
                 "grad": jax.tree.map(jnp.zeros_like, self.sp), "head_grad": jax.tree.map(jnp.zeros_like, self.hp),
                 "dx": jnp.zeros_like(x)}
 
-    def forward(self, c: dict, row: jax.Array, with_head: bool) -> tuple[dict, jax.Array, jax.Array]:
+    def forward(self, c: dict, row: jax.Array) -> tuple[dict, jax.Array, jax.Array]:
         r, i, k = row[sched.CHUNK], row[sched.MICRO], row[sched.RES_SLOT]
         p = _take(self.sp, r)
         y, vjp_fn, aux = jax.vjp(self.chunk_call(p, r, i), p, self.unit_input(c, row), has_aux=True)
@@ -197,14 +196,15 @@ class _OneFOneBTick(_Tick):
             raise RuntimeError("pipeline 1f1b: the chunk's VJP residuals changed structure between traces.")
         stored = [leaf for leaf, j in zip(leaves, self.from_params) if j < 0]
         c = dict(c, aux=self.record_aux(c, r, aux), res=[buf.at[k].set(v) for buf, v in zip(c["res"], stored)])
-        if not with_head:
-            return c, y, self.zero
-        loss, head_vjp, haux = jax.vjp(lambda hp, y: self.head(hp, y, i), self.hp, y, has_aux=True)
+        return c, y, self.zero
+
+    def head_step(self, c: dict, row: jax.Array, y: jax.Array) -> dict:
+        """Loss of the finished microbatch, and its cotangent parked for the last chunk's backward."""
+        loss, head_vjp, haux = jax.vjp(lambda hp, y: self.head(hp, y, row[sched.MICRO]), self.hp, y, has_aux=True)
         dhp, dy = head_vjp(jnp.ones_like(loss))
-        c = dict(c, loss=c["loss"] + loss, head_aux=_merge_aux(c["head_aux"], haux),
-                 head_grad=jax.tree.map(jnp.add, c["head_grad"], dhp),
-                 gbuf=c["gbuf"].at[row[sched.G_SLOT]].set(dy.astype(self.x.dtype)))
-        return c, self.zero, self.zero
+        return dict(c, loss=c["loss"] + loss, head_aux=_merge_aux(c["head_aux"], haux),
+                    head_grad=jax.tree.map(jnp.add, c["head_grad"], dhp),
+                    gbuf=c["gbuf"].at[row[sched.G_SLOT]].set(dy.astype(self.x.dtype)))
 
     def backward(self, c: dict, row: jax.Array) -> tuple[dict, jax.Array, jax.Array]:
         r, i, k = row[sched.CHUNK], row[sched.MICRO], row[sched.RES_SLOT]
@@ -219,8 +219,7 @@ class _OneFOneBTick(_Tick):
         return c, self.zero, jnp.where(first, self.zero, dx)
 
     def branches(self) -> list[Callable]:
-        return [self.idle, lambda c, row: self.forward(c, row, False), lambda c, row: self.forward(c, row, True),
-                self.backward]
+        return [self.idle, self.forward, self.forward, self.backward]
 
 
 def _run(s: Schedule, tick_cls: type[_Tick], stage_fn: StageFn, head_fn: HeadFn, sp: Any, sb: Any, hp: Any,
@@ -238,7 +237,10 @@ def _run(s: Schedule, tick_cls: type[_Tick], stage_fn: StageFn, head_fn: HeadFn,
 
         def step(c, rows):
             row = rows[t.me]
-            c, send_f, send_b = jax.lax.switch(row[sched.OP], branches, c, row)
+            c, y, send_b = jax.lax.switch(row[sched.OP], branches, c, row)
+            last = row[sched.OP] == sched.FWD_HEAD  # the microbatch left the last chunk: its loss, here
+            c = jax.lax.cond(last, lambda c: t.head_step(c, row, y), lambda c: c, c)
+            send_f = jnp.where(last, t.zero, y)
             c = dict(c, xbuf=_put(c["xbuf"], row[sched.RECV_X], jax.lax.ppermute(send_f, PP, fwd_perm)))
             if "gbuf" in c:
                 c = dict(c, gbuf=_put(c["gbuf"], row[sched.RECV_G], jax.lax.ppermute(send_b, PP, bwd_perm)))
