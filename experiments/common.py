@@ -35,6 +35,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed = False  # call jax.distributed.initialize() (multi-host launches)
     c.optim = default_optim_config()
     c.zero1 = True  # shard optimizer state over the data-parallel ranks (k25.parallel.zero)
+    # Decoupled Encoder Process for multimodal steps (k25.parallel.dep, k25.train.multimodal): the vision
+    # encoder runs replicated over every device on patch-balanced chunks, outside the backbone's layout, and
+    # is recomputed for its backward. Same numbers as end-to-end backprop; lower peak memory, no imbalance.
+    c.dep = False
     c.mesh = ml_collections.ConfigDict(dict(pp=1, dp=1, ep=1, devices=0))  # devices: 0 = all
     c.pipeline = ml_collections.ConfigDict(dict(virtual_stages=1, microbatches=1, schedule="gpipe"))
     return c

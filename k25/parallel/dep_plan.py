@@ -257,8 +257,14 @@ def balanced_plan(batch: dict[str, Any], cfg: K25Config, n_devices: int, **budge
     return plan_vision(batch, cfg, assign_chunks(counts, n_devices), **budgets)
 
 
-def rows_plan(batch: dict[str, Any], cfg: K25Config, mesh_shape: dict[str, int], **budgets: int | None) -> VisionPlan:
-    """The no-DEP plan: each chunk on the stage-0 device owning its batch row (`assign_by_rows`)."""
+def rows_plan(batch: dict[str, Any], cfg: K25Config, mesh_shape: dict[str, int], *, global_rows: int | None = None,
+              row_offset: int = 0, **budgets: int | None) -> VisionPlan:
+    """The no-DEP plan: each chunk on the stage-0 device owning its batch row (`assign_by_rows`).
+
+    For a microbatch, `global_rows` is the whole step's batch size and `row_offset` the global index of the
+    microbatch's first row: row ownership is the step's, as the runtime shards the whole batch.
+    """
     input_ids = np.asarray(batch["input_ids"])
-    rows = chunk_rows(input_ids, media_chunks(batch, cfg), cfg)
-    return plan_vision(batch, cfg, assign_by_rows(rows, input_ids.shape[0], mesh_shape), **budgets)
+    rows = [row_offset + r for r in chunk_rows(input_ids, media_chunks(batch, cfg), cfg)]
+    n_rows = input_ids.shape[0] if global_rows is None else global_rows
+    return plan_vision(batch, cfg, assign_by_rows(rows, n_rows, mesh_shape), **budgets)

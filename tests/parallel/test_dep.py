@@ -94,7 +94,7 @@ def test_dep_and_end_to_end_match_plain_backprop(setup, dep):
     give the plain K25Model's loss and gradients to 1e-5 relative, for every parameter."""
     cfg, model_def, params, buffers, raw, ref = setup
     mesh = make_mesh(MESH)
-    batch, plan = prepare_batch(raw, cfg, mesh, dep=dep)
+    batch, (plan,) = prepare_batch(raw, cfg, mesh, dep=dep)
     assert len(plan.assignment) == 8
     fn = dep_value_and_grad if dep else end_to_end_value_and_grad
     with jax.set_mesh(mesh):  # the MoE takes its expert-parallel path, as in training
