@@ -89,15 +89,21 @@ def _from_stages(tree: Any) -> Any:
 
 
 class _Tick:
-    """One stage's view of the tick loop: the branches `lax.switch` picks from the schedule table."""
+    """One stage's view of the tick loop. A schedule's subclass supplies `init()` (the loop carry),
+    `branches()` (indexed by the table's op code: idle / forward / forward before the head / backward; each
+    `(carry, row) -> (carry, output to send forward, cotangent to send back)`) and `head_step` (the loss of
+    a microbatch that just left the last chunk)."""
 
-    def __init__(self, s: Schedule, stage_fn: StageFn, head_fn: HeadFn, sp: Any, sb: Any, hp: Any, x: jax.Array,
-                 side: Any, hdata: Any):
+    def __init__(self, s: Schedule, me: jax.Array, stage_fn: StageFn, head_fn: HeadFn, sp: Any, sb: Any, hp: Any,
+                 x: jax.Array, side: Any, hdata: Any):
         self.s, self.stage_fn, self.head_fn = s, stage_fn, head_fn
         self.sp, self.sb, self.hp, self.x, self.side, self.hdata = sp, sb, hp, x, side, hdata
-        self.me = jax.lax.axis_index(PP)
+        self.me = me  # this stage's index
         x0, side0 = x[0], _take(side, 0)
         y_shape, self.aux_shapes = jax.eval_shape(lambda p, b: stage_fn(p, b, x0, side0), _take(sp, 0), _take(sb, 0))
+        if (y_shape.shape, y_shape.dtype) != (x0.shape, x0.dtype):
+            raise ValueError(f"a pipeline chunk must map {x0.shape} {x0.dtype} activations to the same shape and "
+                             f"dtype (they travel between stages in fixed buffers); got {y_shape}.")
         _, self.head_aux_shapes = jax.eval_shape(lambda h: head_fn(h, x0, _take(hdata, 0)), hp)
         self.zero = jnp.zeros(x.shape[1:], x.dtype)
 
@@ -108,7 +114,8 @@ class _Tick:
         held = c["xbuf"][jnp.maximum(row[sched.X_SLOT], 0)]
         return jnp.where(row[sched.X_SLOT] < 0, fresh, held)
 
-    def chunk_call(self, p: Any, r: jax.Array, i: jax.Array) -> Callable[[Any, jax.Array], tuple[jax.Array, dict]]:
+    def chunk_call(self, r: jax.Array, i: jax.Array) -> Callable[[Any, jax.Array], tuple[jax.Array, dict]]:
+        """(chunk params, x) -> chunk output and stats, for repeat r and microbatch i."""
         b, side = _take(self.sb, r), _take(self.side, i)
         return lambda p, x: self.stage_fn(p, b, x, side)
 
@@ -138,7 +145,7 @@ class _GPipeTick(_Tick):
 
         def unit(sp, x):  # the chunk's parameters are re-sliced in the backward, not saved per tick
             p = jax.tree.map(lambda a: checkpoint_name(a, _PARAMS), _take(sp, r))
-            return self.chunk_call(p, r, i)(p, x)
+            return self.chunk_call(r, i)(p, x)
 
         policy = jax.checkpoint_policies.save_anything_except_these_names(_PARAMS)
         y, aux = jax.checkpoint(unit, policy=policy)(self.sp, self.unit_input(c, row))
@@ -190,7 +197,7 @@ class _OneFOneBTick(_Tick):
     def forward(self, c: dict, row: jax.Array) -> tuple[dict, jax.Array, jax.Array]:
         r, i, k = row[sched.CHUNK], row[sched.MICRO], row[sched.RES_SLOT]
         p = _take(self.sp, r)
-        y, vjp_fn, aux = jax.vjp(self.chunk_call(p, r, i), p, self.unit_input(c, row), has_aux=True)
+        y, vjp_fn, aux = jax.vjp(self.chunk_call(r, i), p, self.unit_input(c, row), has_aux=True)
         leaves = jax.tree.leaves(vjp_fn)
         if self._param_positions(p, leaves) != self.from_params:
             raise RuntimeError("pipeline 1f1b: the chunk's VJP residuals changed structure between traces.")
@@ -224,15 +231,23 @@ class _OneFOneBTick(_Tick):
 
 def _run(s: Schedule, tick_cls: type[_Tick], stage_fn: StageFn, head_fn: HeadFn, sp: Any, sb: Any, hp: Any,
          x: jax.Array, side: Any, hdata: Any) -> dict:
-    """The shard_map'd tick loop; returns the final carry (plus `activity`), stacked over stages."""
+    """The shard_map'd tick loop; returns the final carry (plus `activity`), stacked over stages.
+
+    With one stage there is nothing to map: the loop runs as plain code (a shard_map over a size-1 `pp`
+    leaves the psums of its transpose outside manual mode, which XLA's SPMD partitioner rejects).
+    """
     p = s.stages
     table = np.asarray(s.table)
     fwd_perm = [(k, (k + 1) % p) for k in range(p)]
     bwd_perm = [(k, (k - 1) % p) for k in range(p)]
 
+    def shift(a: jax.Array, perm: list[tuple[int, int]]) -> jax.Array:
+        return a if p == 1 else jax.lax.ppermute(a, PP, perm)
+
     def body(sp, sb, hp, x, side, hdata):
         sp, sb = jax.tree.map(lambda a: a[0], (sp, sb))
-        t = tick_cls(s, stage_fn, head_fn, sp, sb, hp, x, side, hdata)
+        me = jnp.int32(0) if p == 1 else jax.lax.axis_index(PP)
+        t = tick_cls(s, me, stage_fn, head_fn, sp, sb, hp, x, side, hdata)
         branches = t.branches()
 
         def step(c, rows):
@@ -241,15 +256,17 @@ def _run(s: Schedule, tick_cls: type[_Tick], stage_fn: StageFn, head_fn: HeadFn,
             last = row[sched.OP] == sched.FWD_HEAD  # the microbatch left the last chunk: its loss, here
             c = jax.lax.cond(last, lambda c: t.head_step(c, row, y), lambda c: c, c)
             send_f = jnp.where(last, t.zero, y)
-            c = dict(c, xbuf=_put(c["xbuf"], row[sched.RECV_X], jax.lax.ppermute(send_f, PP, fwd_perm)))
+            c = dict(c, xbuf=_put(c["xbuf"], row[sched.RECV_X], shift(send_f, fwd_perm)))
             if "gbuf" in c:
-                c = dict(c, gbuf=_put(c["gbuf"], row[sched.RECV_G], jax.lax.ppermute(send_b, PP, bwd_perm)))
+                c = dict(c, gbuf=_put(c["gbuf"], row[sched.RECV_G], shift(send_b, bwd_perm)))
             return c, row[sched.OP]
 
         c, activity = jax.lax.scan(step, t.init(), jnp.asarray(table))
         c = {k: v for k, v in c.items() if k not in ("xbuf", "gbuf", "res")}
         return jax.tree.map(lambda a: a[None], dict(c, activity=activity))
 
+    if p == 1:
+        return body(sp, sb, hp, x, side, hdata)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or PP not in mesh.axis_names:
         raise ValueError("the pipeline runs over the `pp` axis of the ambient mesh: trace it under "

@@ -1,0 +1,196 @@
+"""The pipeline (k25/parallel/pipeline.py) trains exactly like one device: losses, gradients, statistics.
+
+Every sharded run sets its layout only through config fields (`mesh.pp/dp/ep`, `pipeline.*`), the way
+`--config.mesh.pp=2` does, and goes through the runtime (`Trainer`, `loop.train`).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import tiny_lm
+from k25.train import loop
+from k25.train.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# (pp, dp, ep), virtual stages, microbatches. The model has 1 dense + 5 MoE layers, so every case also runs
+# the MoE layer that does not divide into pp * virtual_stages chunks before the pipeline.
+CASES = [((2, 2, 2), 2, 2), ((1, 2, 4), 2, 2), ((2, 1, 4), 1, 4)]
+
+
+def config(mesh=(1, 1, 1), virtual=1, microbatches=1, schedule="gpipe", devices=0):
+    c = tiny_lm.get_config("smoke")
+    c.model.num_hidden_layers = 6
+    c.model.hidden_size = 64
+    c.batch_size, c.seq_len = 16, 32
+    c.total_steps, c.log_every, c.checkpoint_every = 3, 1, 100
+    c.eval_examples = 0
+    c.async_checkpoints = False
+    c.mesh.pp, c.mesh.dp, c.mesh.ep = mesh
+    c.mesh.devices = devices
+    c.pipeline.virtual_stages, c.pipeline.microbatches, c.pipeline.schedule = virtual, microbatches, schedule
+    return c
+
+
+def run(c, workdir, steps=3):
+    """Through the runtime's `Trainer`: the gradient of the first step's loss at the initial state (before
+    any update), with its loss and statistics, then the losses of `steps` jitted training steps."""
+    t = loop.Trainer(c, str(workdir))
+    state = t.init_state()
+    data = t.data_iterator()
+    batch = t.global_batch(next(data))
+
+    def loss(params):
+        return t.stage.loss_fn(t.model_def.merge(params, state.buffers), batch)
+
+    with jax.set_mesh(t.mesh):
+        first = jax.device_get(jax.jit(jax.value_and_grad(loss, has_aux=True))(state.params))
+    out = []
+    for _ in range(steps):
+        state, metrics = t.step(state, batch)
+        out.append(float(metrics["loss"]))
+        batch = t.global_batch(next(data))
+    return first, out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return run(config(devices=1), tmp_path_factory.mktemp("one"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("mesh,virtual,microbatches", CASES,
+                         ids=[f"pp{a}dp{b}ep{c}-v{v}-m{m}" for (a, b, c), v, m in CASES])
+def test_pipeline_matches_one_device(reference, tmp_path, mesh, virtual, microbatches, schedule):
+    ((value0, aux0), grads0), losses0 = reference
+    ((value, aux), grads), losses = run(config(mesh, virtual, microbatches, schedule), tmp_path)
+    np.testing.assert_allclose(value, value0, rtol=1e-5)
+    np.testing.assert_array_equal(aux["expert_counts"], aux0["expert_counts"])
+    np.testing.assert_allclose(aux["max_attn_logits"], aux0["max_attn_logits"], rtol=1e-5)
+    assert aux["num_tokens"] == aux0["num_tokens"]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max()),
+                 grads, grads0)
+    np.testing.assert_allclose(losses, losses0, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_cli_pipeline_matches_one_device(reference, tmp_path):
+    """`python -m experiments.run ... --config.mesh.pp=2 --config.pipeline.*`, as a user would."""
+    losses0 = reference[1]
+    overrides = {"model.num_hidden_layers": 6, "model.hidden_size": 64, "batch_size": 16, "seq_len": 32,
+                 "total_steps": 3, "log_every": 1, "checkpoint_every": 100, "eval_examples": 0,
+                 "async_checkpoints": False, "mesh.pp": 2, "mesh.dp": 2, "mesh.ep": 2,
+                 "pipeline.virtual_stages": 2, "pipeline.microbatches": 2, "pipeline.schedule": "1f1b"}
+    cmd = [sys.executable, "-m", "experiments.run", f"--config={ROOT}/experiments/tiny_lm.py:smoke",
+           f"--workdir={tmp_path}", *(f"--config.{k}={v}" for k, v in overrides.items())]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               JAX_DEFAULT_MATMUL_PRECISION="highest")
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    saved = json.load(open(tmp_path / "config.json"))
+    assert saved["mesh"]["pp"] == 2 and saved["pipeline"]["schedule"] == "1f1b"
+    np.testing.assert_allclose([m["loss"] for m in read_metrics(tmp_path)], losses0, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_1f1b_needs_less_temporary_memory_than_gpipe(tmp_path):
+    """Compiled temp bytes of the loss+gradient at 4 stages, 8 microbatches: 1f1b keeps ~p, gpipe ~m units."""
+    temp = {}
+    for schedule in ("gpipe", "1f1b"):
+        c = config((4, 2, 1), 1, 8, schedule)
+        c.model.num_hidden_layers = 5
+        c.batch_size = 32
+        t = loop.Trainer(c, str(tmp_path))
+        st = t.abstract_state
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=t.batch_sharding)
+                 for k, v in t.stage.batch_spec(c.batch_size).items()}
+
+        def grads(params, buffers, batch):
+            return jax.grad(lambda p: t.stage.loss_fn(t.model_def.merge(p, buffers), batch)[0])(params)
+
+        with jax.set_mesh(t.mesh):
+            compiled = jax.jit(grads).lower(st.params, st.buffers, batch).compile()
+        temp[schedule] = compiled.memory_analysis().temp_size_in_bytes
+    assert temp["1f1b"] < 0.8 * temp["gpipe"], temp
+
+
+def test_pipeline_config_errors():
+    from k25.train.pretrain import TextLMStage
+
+    cases = [
+        (dict(schedule="zigzag", microbatches=2), r"config\.pipeline\.schedule='zigzag'.*gpipe"),
+        (dict(microbatches=3), r"config\.batch_size=16.*pipeline\.microbatches=3"),
+        (dict(virtual=4, microbatches=2, mesh=(2, 1, 1)), r"5 MoE layers.*8 pipeline chunks"),
+        (dict(virtual=2, microbatches=3, mesh=(2, 1, 1)), r"microbatches=3 must be a multiple of config\.mesh\.pp=2"),
+        (dict(virtual=0), r"virtual_stages=0"),
+    ]
+    for kw, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            TextLMStage(config(**kw))
+
+
+def test_unpipelined_default_is_untouched():
+    from k25.train.pretrain import TextLMStage
+
+    assert not TextLMStage(config()).pipeline.enabled
+    assert TextLMStage(config(microbatches=2)).pipeline.enabled
+
+
+def test_pipeline_loss_grads_on_a_toy_stack():
+    """pipeline_loss alone, p=4, v=2, m=8, on an MLP stack: gpipe and 1f1b equal plain autodiff."""
+    from jax.sharding import Mesh
+
+    from k25.parallel import schedule as sched
+    from k25.parallel.pipeline import pipeline_loss
+
+    L, m, mb, d = 16, 8, 2, 8
+    keys = jax.random.split(jax.random.key(0), 4)
+    w = jax.random.normal(keys[0], (L, d, d)) / np.sqrt(d)
+    bias = jax.random.normal(keys[1], (L, d)) * 0.1
+    x = jax.random.normal(keys[2], (m, mb, d))
+    target = jax.random.normal(keys[3], (m, mb, d))
+    head = jnp.ones((d,))
+
+    def layer(h, wb):
+        w, b = wb
+        return jnp.tanh(h @ w + b), jnp.max(h)
+
+    def stage_fn(w, b, h, side):
+        h, mx = jax.lax.scan(layer, h * side, (w, b))
+        return h, {"max_h": mx, "calls": jnp.ones(w.shape[0])}
+
+    def head_fn(hd, y, t):
+        return jnp.sum((y * hd - t) ** 2), {"n": jnp.float32(y.shape[0])}
+
+    def plain(w, hd, x):
+        total = 0.0
+        for i in range(m):
+            h, _ = stage_fn(w, bias, x[i], 1.0)
+            total = total + head_fn(hd, h, target[i])[0]
+        return total
+
+    mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(4, 1, 1), ("pp", "dp", "ep"))
+    ref_loss, ref_grads = jax.value_and_grad(plain, argnums=(0, 1, 2))(w, head, x)
+    for kind in sched.SCHEDULES:
+        s = sched.build(kind, 4, 2, m)
+
+        def f(w, hd, x):
+            return pipeline_loss(s, stage_fn, head_fn, w, bias, hd, x, jnp.ones((m,)), target)
+
+        with jax.set_mesh(mesh):
+            (loss, aux), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(w, head, x)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=kind)
+        for g, g0 in zip(grads, ref_grads):
+            np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-6, err_msg=kind)
+        np.testing.assert_array_equal(aux["calls"], np.full(L, m))  # every layer saw every microbatch once
+        assert float(aux["n"]) == m * mb
+        activity = np.asarray(aux["pipeline/activity"])
+        np.testing.assert_array_equal(activity, s.table[:, :, sched.OP].T)  # the loop ran the schedule's ops
+        assert abs(np.mean(activity == sched.IDLE) - sched.bubble_theory(4, 2, m)) < 1e-9
