@@ -3,7 +3,13 @@
     python -m experiments.run --config=experiments/vit_coca.py:coca --workdir=/tmp/vit_coca
 ARG picks the phase: "coca" (SigLIP + 2x caption, default), "caption_align" (caption loss through the
 projector into a small K2 decoder, ViT updated), "projector_only" (only the projector trains); append
-",smoke" (e.g. "coca,smoke") for a few-step run with tiny evals, used by the tests.
+",smoke" (e.g. "coca,smoke") for a few-step run with tiny evals, used by the tests. The report's sequence:
+
+    python -m experiments.run --config=experiments/vit_coca.py:coca --workdir=/tmp/vit/coca
+    python -m experiments.run --config=experiments/vit_coca.py:caption_align --workdir=/tmp/vit/align \
+        --config.init_from=/tmp/vit/coca
+    python -m experiments.run --config=experiments/vit_coca.py:projector_only --workdir=/tmp/vit/proj \
+        --config.init_from=/tmp/vit/align
 """
 
 from __future__ import annotations
@@ -48,10 +54,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.vision_pack_size = 8  # examples per packed MoonViT sequence (k25.model.coca.encode_in_packs)
     c.batch_size = 64
     c.seq_len = c.data.text_len  # only for the runtime's tokens/s figure
-    c.total_steps = 1200
+    c.total_steps = 400
     c.log_every = 50
-    c.eval_every = 400
-    c.checkpoint_every = 400
+    c.eval_every = 200
+    c.checkpoint_every = 200
     c.eval_pool = 32  # retrieval candidates (distinct held-out texts); chance is 1/eval_pool
     c.eval_examples = 32  # held-out samples per task for caption exact match
     c.eval_at_start = True
@@ -59,12 +65,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 1e-4
     c.optim.trainable = ["mm_projector"] if phase == "projector_only" else []
+    # Chain the phases: --config.init_from=<the previous phase's workdir> copies these parts from it.
+    c.init_from = ""
+    c.init_parts = {"coca": [], "caption_align": ["vision_tower"],
+                    "projector_only": ["vision_tower", "mm_projector", "language_model"]}[phase]
     if smoke:
         c.vision_pack_size = 4
         c.batch_size, c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 8, 3, 1, 0, 3
         c.eval_pool, c.eval_examples, c.eval_at_start = 16, 2, False
         c.data.eval_per_task = 16
-        c.data.video_every = 2  # the second step is a video batch
+        # coca's second step is a video batch; the K2.5 phases stay on images (one step compilation)
+        c.data.video_every = 2 if phase == "coca" else 0
         c.optim.warmup_steps = 1
         c.progress_bar = False
     return c

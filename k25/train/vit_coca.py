@@ -11,6 +11,10 @@
                      (`config.optim.trainable` narrows what trains).
 * "projector_only" - the same caption loss with only `mm_projector` trainable (the short bridge to the big LLM).
 
+Phases chain through `config.init_from` (a finished run's workdir) and `config.init_parts` (top-level modules
+copied from its latest checkpoint): caption_align takes `vision_tower` from a coca run, projector_only takes
+every part from a caption_align run. Everything else starts fresh from `config.seed`.
+
 Loss normalisation follows the runtime's contract (sum of per-item losses, divided once by the count): for
 CoCa the items are examples and the sum is sum_i siglip_row_i + caption_weight * b * mean caption CE, so the
 logged loss is the mean SigLIP row loss plus caption_weight x the mean per-token caption CE.
@@ -18,12 +22,14 @@ logged loss is the mean SigLIP row loss plus caption_weight x the mean per-token
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from k25.data.tokenizer import load_tokenizer
@@ -34,11 +40,27 @@ from k25.model.decoder import DecoderOutput
 from k25.model.k25 import K25Model
 from k25.model.text_tower import TextTowerConfig
 from k25.model.vision_config import K25Config, MoonViTConfig
+from k25.train.checkpoint import Checkpointer
 from k25.train.step import StepConfig
 from k25.train.vision_losses import caption_cross_entropy, siglip_loss
 from k25.train.vit_eval import Evaluator
 
 PHASES = ("coca", "caption_align", "projector_only")
+
+
+def load_parts(workdir: str, parts: tuple[str, ...]) -> dict[str, Any]:
+    """{part: params pure dict (numpy)} from the latest checkpoint under `workdir` ({} when workdir is empty)."""
+    if not workdir:
+        return {}
+    step = Checkpointer(workdir, async_save=False).latest_step()
+    if step is None:
+        raise ValueError(f"config.init_from={workdir!r} holds no checkpoint; run the earlier phase there first.")
+    path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
+    params = ocp.StandardCheckpointer().restore(path)["params"]
+    missing = [p for p in parts if p not in params]
+    if missing:
+        raise ValueError(f"config.init_parts {missing} are not in {path}; it has {sorted(params)}.")
+    return {p: jax.device_get(params[p]) for p in parts}
 
 
 def caption_forward(model: K25Model, pixel_values: jnp.ndarray, ids: jnp.ndarray, pack_size: int) -> DecoderOutput:
@@ -83,9 +105,24 @@ class ViTStage:
                                      projection_hidden_size=vision.hidden_size).validate()
         self.evaluator = Evaluator(self.data, "coca" if self.phase == "coca" else "k25", config.eval_pool,
                                    config.eval_examples, config.vision_pack_size)
+        self.init_params = load_parts(config.get("init_from", ""), tuple(config.get("init_parts", ())))
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        return CoCa(self.coca_cfg, rngs=rngs) if self.phase == "coca" else K25Model(self.k25_cfg, rngs=rngs)
+        """A fresh model, with the `init_parts` of the `init_from` run copied in (as constants: fine at this
+        scale; a sharded restore would be the path for large towers)."""
+        model = CoCa(self.coca_cfg, rngs=rngs) if self.phase == "coca" else K25Model(self.k25_cfg, rngs=rngs)
+        for part, values in self.init_params.items():
+            if not hasattr(model, part):
+                raise ValueError(f"config.init_parts: the {self.phase} model has no {part!r}.")
+            state = nnx.state(getattr(model, part), nnx.Param)
+            want = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(state))
+            got = jax.tree.map(lambda x: x.shape, values)
+            if want != got:
+                raise ValueError(f"config.init_from: {part!r} in {self.config.init_from} has other shapes than this "
+                                 "config's; the vision/lm configs must match the earlier phase's.")
+            nnx.replace_by_pure_dict(state, values)
+            nnx.update(getattr(model, part), state)
+        return model
 
     # ------------------------------------------------------------------------------------------- losses
     def loss_fn(self, model: nnx.Module, batch: dict) -> tuple[jax.Array, dict]:

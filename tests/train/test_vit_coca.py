@@ -81,7 +81,7 @@ def test_caption_forward_equals_the_k25_placeholder_path():
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5)
 
 
-@pytest.mark.parametrize("phase", ["coca", "caption_align"])
+@pytest.mark.parametrize("phase", [pytest.param("coca", marks=pytest.mark.slow), "caption_align"])
 def test_phase_trains_and_logs_the_held_out_metrics(tmp_path, phase):
     out = loop.train(smoke_config(phase), str(tmp_path))
     rows = read_metrics(tmp_path)
@@ -94,6 +94,15 @@ def test_phase_trains_and_logs_the_held_out_metrics(tmp_path, phase):
     assert out["step"] == 3
     if phase == "coca":
         assert rows[0]["temperature"] == pytest.approx(10.0) and rows[0]["siglip_bias"] == pytest.approx(-10.0)
+        # the next phase starts from this run's ViT (config.init_from), everything else fresh
+        align = ViTStage(smoke_config("caption_align", init_from=str(tmp_path)))
+        model = align.build_model(nnx.Rngs(0))
+        trained = out["state"].params["vision_tower"]
+        copied = nnx.to_pure_dict(nnx.state(model.vision_tower, nnx.Param))
+        for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(copied)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        with pytest.raises(ValueError, match="init_parts"):
+            ViTStage(smoke_config("caption_align", init_from=str(tmp_path), init_parts=["mm_projector"]))
 
 
 def test_projector_only_changes_nothing_but_the_projector(tmp_path):
