@@ -6,6 +6,11 @@ and `expert_counts` (moe layers, experts) when the model has attention / MoE. Su
 once by the total token count makes accumulation over microbatches exactly a bigger batch.
 
 A step whose loss or gradient norm is not finite changes nothing but the skip counters.
+
+Pipelining (mesh.pp > 1 or pipeline.microbatches > 1) lives inside the stage's loss function
+(k25/train/pipelined_lm.py), so this step is the same for every layout: `jax.value_and_grad` differentiates
+the pieces before the pipeline, and the pipeline supplies its own gradients, by autodiff through its tick
+loop (gpipe) or computed inside the 1F1B loop and handed over by a `custom_vjp` (1f1b).
 """
 
 from __future__ import annotations
