@@ -48,6 +48,7 @@ EmbedsLoss = Callable[[K2Model, jnp.ndarray, dict], tuple[jnp.ndarray, dict]]
 ValueAndGrad = tuple[tuple[jnp.ndarray, dict], dict]
 VISION_KEYS = ("patches", "segment_ids", "positions", "frame_index", "row_taps", "row_weights", "col_taps",
                "col_weights", "merge_index", "merge_count")
+_PER_TOKEN = ("merge_index", "merge_count")  # indexed by encoder output token, not by patch
 PARTS = ("vision_tower", "mm_projector", "language_model")
 
 
@@ -62,14 +63,23 @@ class VisionEncoder(nnx.Module):
         """One device's packed chunks (a `VisionPlan` row, no device axis) -> (T, D_text) projected tokens.
 
         MoonViT.__call__ with its layout read from arrays instead of static grids; every module is reused.
+        Per-patch arrays come as (n_bins, bin_size, ...): the blocks run bin by bin (vmap), so attention is
+        block-diagonal per bin and its cost n_bins * bin_size^2; everything else sees the flat pack.
         """
         tower = self.vision_tower
         cfg = tower.cfg
-        h = tower.patch_embed.proj(v["patches"])
-        h = h + self._positions(v).astype(h.dtype)
-        cos, sin = axial_rope_cos_sin(v["positions"], cfg.head_dim, cfg.rope_theta)
+        n_bins, size = v["segment_ids"].shape
+        flat = {k: x.reshape(n_bins * size, *x.shape[2:]) for k, x in v.items() if k not in _PER_TOKEN}
+        h = tower.patch_embed.proj(flat["patches"])
+        h = h + self._positions(flat).astype(h.dtype)
+        cos, sin = axial_rope_cos_sin(flat["positions"], cfg.head_dim, cfg.rope_theta)
         seg = v["segment_ids"]
-        h, _ = scan_layers(tower.layers, h, cos, sin, seg[:, None] == seg[None, :])
+
+        def blocks(x, c, s, mask):
+            return scan_layers(tower.layers, x, c, s, mask)[0]
+
+        bins = (h.reshape(n_bins, size, -1), cos.reshape(n_bins, size, -1), sin.reshape(n_bins, size, -1))
+        h = jax.vmap(blocks)(*bins, seg[:, :, None] == seg[:, None, :]).reshape(n_bins * size, -1)
         h = tower.final_layernorm(h)
         padded = jnp.concatenate([h.astype(jnp.float32), jnp.zeros((1, h.shape[-1]), jnp.float32)])
         pooled = padded[v["merge_index"]].sum(axis=1) / v["merge_count"][:, None, None]

@@ -13,12 +13,13 @@ Two assignments:
   row holding its placeholder tokens; with pipeline stages only stage 0 holds the vision encoder, so the
   other stages get nothing. This is the imbalance DEP removes, kept as the baseline for `balance`.
 
-`plan_vision` then lays each device's chunks out as one packed sequence of a fixed per-device budget
-(patches P, LLM tokens T), and every index a packed MoonViT pass needs becomes *data* (arrays of leading
-dimension n_devices), not static grid metadata. Two consequences: one SPMD program (`jax.shard_map`)
-encodes different grids on different devices, and a step compiled for a budget never recompiles when the
-images change. The learned position table's bicubic resampling becomes per-patch taps (4 row and 4 column
-source indices with weights) for the same reason.
+`plan_vision` then lays each device's chunks out in packed bins (first-fit decreasing; attention is
+computed per bin, so a long pack does not pay for a dense mask over all of it) within a fixed per-device
+budget (patches P = n_bins * bin_size, LLM tokens T), and every index a packed MoonViT pass needs becomes
+*data* (arrays of leading dimension n_devices), not static grid metadata. Two consequences: one SPMD
+program (`jax.shard_map`) encodes different grids on different devices, and a step compiled for a budget
+never recompiles when the images change. The learned position table's bicubic resampling becomes
+per-patch taps (4 row and 4 column source indices with weights) for the same reason.
 """
 
 from __future__ import annotations
@@ -156,44 +157,85 @@ class VisionPlan:
         return float(loads.max() / loads.mean()) if loads.sum() else 1.0
 
 
-def _need(value: int, budget: int | None, name: str) -> int:
+def pack_bins(sizes: Sequence[int], bin_size: int) -> list[list[int]]:
+    """First-fit decreasing of chunk sizes into bins of `bin_size` patches: the (sorted) indices per bin."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        if sizes[i] > bin_size:
+            raise ValueError(f"bin_size={bin_size} is smaller than a chunk of {sizes[i]} patches; raise bin_size.")
+        b = next((b for b, r in enumerate(room) if r >= sizes[i]), len(bins))
+        if b == len(bins):
+            bins.append([])
+            room.append(bin_size)
+        bins[b].append(i)
+        room[b] -= sizes[i]
+    return [sorted(b) for b in bins]
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """Where one chunk sits: its device, first patch in the device's flat pack, first encoder output row."""
+
+    device: int
+    patch_start: int
+    token_start: int
+
+
+def _budget(need: int, budget: int | None, name: str) -> int:
     if budget is None:
-        return max(value, 1)
-    if value > budget:
-        raise ValueError(f"{name}={budget} is too small: a device needs {value}; raise {name}.")
+        return max(need, 1)
+    if need > budget:
+        raise ValueError(f"{name}={budget} is too small: a device needs {need}; raise {name}.")
     return budget
 
 
 def plan_vision(batch: dict[str, Any], cfg: K25Config, assignment: Sequence[Sequence[int]], *,
-                patch_budget: int | None = None, token_budget: int | None = None) -> VisionPlan:
-    """Lay out each device's chunks as one packed, padded sequence; see the module docstring.
+                bin_size: int | None = None, patch_budget: int | None = None,
+                token_budget: int | None = None) -> VisionPlan:
+    """Lay out each device's chunks as packed, padded bins; see the module docstring.
 
     `batch` holds host arrays: input_ids (B, S), pixel_values / image_grid_thw and/or pixel_values_videos /
-    video_grid_thw in the HF processor layout. Budgets (per device) fix the shapes so the step compiles
-    once; None uses the largest device's need.
+    video_grid_thw in the HF processor layout. A device's chunks go into bins of `bin_size` patches (first-fit
+    decreasing); attention runs per bin, so its cost is n_bins * bin_size^2 rather than the square of the
+    device's whole pack (None: one bin per device). Budgets (per device: patches, a multiple of bin_size,
+    and encoder output tokens) fix the shapes so the step compiles once; None uses the largest need.
     """
-    vc = cfg.vision_config
-    kh, kw = vc.merge_kernel_size
     chunks = media_chunks(batch, cfg)
     flat = [c for dev in assignment for c in dev]
     if sorted(flat) != list(range(len(chunks))):
         raise ValueError(f"assignment must list every chunk index 0..{len(chunks) - 1} exactly once, got {flat}.")
-    input_ids = np.asarray(batch["input_ids"])
-    layouts = [packed_layout(tuple(chunks[i].grid for i in dev), kh, kw, vc.pos_emb_time) if dev else None
-               for dev in assignment]
-    loads = [lay.num_patches if lay else 0 for lay in layouts]
-    n_tok = [sum(lay.tokens_per_chunk) if lay else 0 for lay in layouts]
-    p = _need(max(loads, default=0), patch_budget, "patch_budget")
-    t = _need(max(n_tok, default=0), token_budget, "token_budget")
-    arrays = _device_arrays(batch, cfg, chunks, assignment, layouts, p, t)
-    arrays["media_src"] = _media_src(input_ids, cfg, chunks, assignment, layouts, t)
+    merge = cfg.vision_config.merge_area
+    loads = [sum(chunks[i].patches for i in dev) for dev in assignment]
+    tokens = [sum(chunks[i].grid[1] * chunks[i].grid[2] // merge for i in dev) for dev in assignment]
+    size = bin_size or _budget(max(loads, default=0), patch_budget, "patch_budget")
+    if patch_budget is not None and patch_budget % size:
+        raise ValueError(f"patch_budget={patch_budget} must be a multiple of bin_size={size}.")
+    bins = [[[dev[j] for j in b] for b in pack_bins([chunks[i].patches for i in dev], size)] for dev in assignment]
+    n_bins = max(max((len(b) for b in bins), default=0), 1)
+    n_bins = _budget(n_bins * size, patch_budget, "patch_budget") // size
+    t = _budget(max(tokens, default=0), token_budget, "token_budget")
+    slots: dict[int, Slot] = {}
+    for d, dev_bins in enumerate(bins):
+        tok = 0
+        for b, members in enumerate(dev_bins):
+            off = b * size
+            for i in members:
+                slots[i] = Slot(d, off, tok)
+                off += chunks[i].patches
+                tok += chunks[i].grid[1] * chunks[i].grid[2] // merge
+    arrays = _device_arrays(batch, cfg, chunks, slots, len(assignment), n_bins, size, t)
+    arrays["media_src"] = _media_src(np.asarray(batch["input_ids"]), cfg, chunks, slots, t)
     return VisionPlan(assignment=tuple(tuple(d) for d in assignment), patches_per_device=tuple(loads),
                       arrays=arrays)
 
 
-def _device_arrays(batch, cfg: K25Config, chunks, assignment, layouts, p: int, t: int) -> dict[str, np.ndarray]:
+def _device_arrays(batch: dict[str, Any], cfg: K25Config, chunks: Sequence[Chunk], slots: dict[int, Slot],
+                   n: int, n_bins: int, size: int, t: int) -> dict[str, np.ndarray]:
+    """The `vision/*` arrays: per-patch ones (n, n_bins, bin_size, ...), per-output-token ones (n, T, ...)."""
     vc = cfg.vision_config
-    n, f, k = len(assignment), vc.pos_emb_time, vc.merge_area
+    kh, kw = vc.merge_kernel_size
+    f, k, p = vc.pos_emb_time, vc.merge_area, n_bins * size
     pixels = {"image": batch.get("pixel_values"), "video": batch.get("pixel_values_videos")}
     out = {
         "vision/patches": np.zeros((n, p, vc.patch_dim), np.float32),
@@ -205,44 +247,38 @@ def _device_arrays(batch, cfg: K25Config, chunks, assignment, layouts, p: int, t
         "vision/merge_index": np.full((n, t, f, k), p, np.int32),  # p: the zero row appended after the patches
         "vision/merge_count": np.ones((n, t), np.float32),
     }
-    for d, (dev, lay) in enumerate(zip(assignment, layouts)):
-        if lay is None:
-            continue
-        m = lay.num_patches
-        out["vision/segment_ids"][d, :m] = lay.segment_ids
-        out["vision/positions"][d, :m] = lay.positions
-        out["vision/frame_index"][d, :m] = lay.frame_index
-        merge = np.where(lay.merge_index == m, p, lay.merge_index)
-        out["vision/merge_index"][d, :merge.shape[0], :merge.shape[1]] = merge
-        out["vision/merge_count"][d, :merge.shape[0]] = lay.merge_count
-        start = 0
-        for i in dev:
-            c = chunks[i]
-            tt, h, w = c.grid
-            px = np.asarray(pixels[c.kind][c.pixel_start:c.pixel_start + c.patches], np.float32)
-            out["vision/patches"][d, start:start + c.patches] = px.reshape(c.patches, -1)
-            ri, rw = _bicubic_taps(h, vc.pos_emb_height)
-            ci, cw = _bicubic_taps(w, vc.pos_emb_width)
-            rows, cols = lay.positions[start:start + c.patches].T
-            out["vision/row_taps"][d, start:start + c.patches] = ri[rows]
-            out["vision/row_weights"][d, start:start + c.patches] = rw[rows]
-            out["vision/col_taps"][d, start:start + c.patches] = ci[cols]
-            out["vision/col_weights"][d, start:start + c.patches] = cw[cols]
-            start += c.patches
+    for i, slot in sorted(slots.items()):
+        c, d, s = chunks[i], slots[i].device, slots[i].patch_start
+        lay = packed_layout((c.grid,), kh, kw, f)
+        m, n_tok = c.patches, lay.tokens_per_chunk[0]
+        px = np.asarray(pixels[c.kind][c.pixel_start:c.pixel_start + m], np.float32)
+        out["vision/patches"][d, s:s + m] = px.reshape(m, -1)
+        out["vision/segment_ids"][d, s:s + m] = i
+        out["vision/positions"][d, s:s + m] = lay.positions
+        out["vision/frame_index"][d, s:s + m] = lay.frame_index
+        rows, cols = lay.positions.T
+        ri, rw = _bicubic_taps(c.grid[1], vc.pos_emb_height)
+        ci, cw = _bicubic_taps(c.grid[2], vc.pos_emb_width)
+        out["vision/row_taps"][d, s:s + m], out["vision/row_weights"][d, s:s + m] = ri[rows], rw[rows]
+        out["vision/col_taps"][d, s:s + m], out["vision/col_weights"][d, s:s + m] = ci[cols], cw[cols]
+        merged = np.where(lay.merge_index == m, p, lay.merge_index + s)
+        out["vision/merge_index"][d, slot.token_start:slot.token_start + n_tok, :merged.shape[1]] = merged
+        out["vision/merge_count"][d, slot.token_start:slot.token_start + n_tok] = lay.merge_count
+    per_patch = ("patches", "segment_ids", "positions", "frame_index", "row_taps", "row_weights", "col_taps",
+                 "col_weights")
+    for key in per_patch:
+        a = out[f"vision/{key}"]
+        out[f"vision/{key}"] = a.reshape(n, n_bins, size, *a.shape[2:])
     return out
 
 
-def _media_src(input_ids: np.ndarray, cfg: K25Config, chunks, assignment, layouts, t: int) -> np.ndarray:
+def _media_src(input_ids: np.ndarray, cfg: K25Config, chunks: Sequence[Chunk], slots: dict[int, Slot],
+               t: int) -> np.ndarray:
     """(B, S) row of the flat (n_devices * T) encoder output each placeholder takes; -1 at text tokens."""
-    src = {"image": [], "video": []}
-    where = {}
-    for d, (dev, lay) in enumerate(zip(assignment, layouts)):
-        off = 0
-        for i, n_tok in zip(dev, lay.tokens_per_chunk if lay else ()):
-            where[i] = d * t + off
-            off += n_tok
+    src: dict[str, list[np.ndarray]] = {"image": [], "video": []}
     for i, c in enumerate(chunks):
-        src[c.kind].append(where[i] + np.arange(c.grid[1] * c.grid[2] // cfg.vision_config.merge_area))
+        start = slots[i].device * t + slots[i].token_start
+        src[c.kind].append(start + np.arange(c.grid[1] * c.grid[2] // cfg.vision_config.merge_area))
     out = np.full(input_ids.shape, -1, np.int32).reshape(-1)
     flat_ids = input_ids.reshape(-1)
     for kind, tok_id in (("image", cfg.image_token_id), ("video", cfg.video_token_id)):

@@ -10,6 +10,7 @@ that owns its batch row (pipeline stage 0), the conventional layout. The step it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -72,14 +73,15 @@ def split_microbatches(raw: dict[str, Any], cfg: K25Config, accum_steps: int) ->
 
 
 def prepare_batch(raw: dict[str, Any], cfg: K25Config, mesh: Mesh, *, dep: bool, accum_steps: int = 1,
-                  patch_budget: int | None = None, token_budget: int | None = None
+                  bin_size: int | None = None, patch_budget: int | None = None, token_budget: int | None = None
                   ) -> tuple[dict[str, np.ndarray], list[VisionPlan]]:
     """Host arrays for the step (text arrays + the plans' `vision/*` and `media_src`) and the plan of each
     microbatch.
 
     With accumulation every microbatch is planned on its own (its `media_src` points into its own encoder
     outputs) and the plans are stacked on axis 0, which is how `k25.train.step` slices microbatches.
-    Budgets default to the largest need over the microbatches, so they share one shape.
+    Budgets default to the largest need over the microbatches, so they share one shape. `bin_size`: see
+    `k25.parallel.dep_plan.plan_vision` (attention runs per bin of that many patches).
     """
     missing = [k for k in TEXT_KEYS if k not in raw]
     if missing:
@@ -90,13 +92,13 @@ def prepare_batch(raw: dict[str, Any], cfg: K25Config, mesh: Mesh, *, dep: bool,
 
     def plan(m: int, **budgets: int | None) -> VisionPlan:
         if dep:
-            return balanced_plan(micro[m], cfg, mesh.size, **budgets)
+            return balanced_plan(micro[m], cfg, mesh.size, bin_size=bin_size, **budgets)
         return rows_plan(micro[m], cfg, dict(mesh.shape), global_rows=rows, row_offset=m * rows // accum_steps,
-                         **budgets)
+                         bin_size=bin_size, **budgets)
 
     plans = [plan(m, patch_budget=patch_budget, token_budget=token_budget) for m in range(accum_steps)]
     if len(plans) > 1 and (patch_budget is None or token_budget is None):
-        p = patch_budget or max(pl.arrays["vision/patches"].shape[1] for pl in plans)
+        p = patch_budget or max(math.prod(pl.arrays["vision/patches"].shape[1:3]) for pl in plans)
         t = token_budget or max(pl.arrays["vision/merge_index"].shape[1] for pl in plans)
         plans = [plan(m, patch_budget=p, token_budget=t) for m in range(accum_steps)]
     arrays = {k: np.concatenate([pl.arrays[k] for pl in plans]) for k in plans[0].arrays}

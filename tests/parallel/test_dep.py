@@ -6,7 +6,7 @@ import pytest
 from dep_batch import IMAGE_GRIDS, VIDEO_GRIDS, raw_batch, tiny_k25, tiny_model
 
 from k25.parallel.dep import dep_value_and_grad, end_to_end_value_and_grad, reference_loss_fn
-from k25.parallel.dep_plan import assign_by_rows, assign_chunks, balanced_plan, plan_vision, rows_plan
+from k25.parallel.dep_plan import assign_by_rows, assign_chunks, balanced_plan, pack_bins, plan_vision, rows_plan
 from k25.parallel.mesh import make_mesh
 from k25.train.multimodal import device_put_batch, multimodal_lm_loss, prepare_batch
 
@@ -53,6 +53,12 @@ def test_assign_by_rows_uses_pipeline_stage_zero():
         assign_by_rows([0], 6, {"dp": 4})
 
 
+def test_pack_bins_first_fit_decreasing():
+    assert pack_bins([80, 24, 64, 4, 36], 100) == [[0, 3], [2, 4], [1]]
+    with pytest.raises(ValueError, match="bin_size=50"):
+        pack_bins([80], 50)
+
+
 def test_plan_balances_and_validates():
     cfg = tiny_k25()
     raw = raw_batch(cfg)
@@ -70,6 +76,10 @@ def test_plan_balances_and_validates():
         balanced_plan({**raw, "input_ids": np.where(raw["input_ids"] == 250, 0, raw["input_ids"])}, cfg, 8)
     with pytest.raises(ValueError, match="pixel_values"):
         balanced_plan({k: v for k, v in raw.items() if k != "pixel_values"}, cfg, 8)
+    with pytest.raises(ValueError, match="multiple of bin_size"):
+        plan_vision(raw, cfg, dep.assignment, bin_size=96, patch_budget=200)
+    binned = rows_plan(raw, cfg, MESH, bin_size=80)
+    assert binned.arrays["vision/patches"].shape[1:3] == (2, 80)  # row 3 holds 48 + 36 + 8 patches
     with pytest.raises(ValueError, match="exactly once"):
         plan_vision(raw, cfg, [[0], [1]])
 
@@ -88,13 +98,14 @@ def setup():
     return cfg, model_def, params, buffers, raw, ref
 
 
-@pytest.mark.parametrize("dep", [True, False])
-def test_dep_and_end_to_end_match_plain_backprop(setup, dep):
-    """DEP (balanced over 8 devices, three phases) and its dep=False twin (row-local, one value_and_grad)
-    give the plain K25Model's loss and gradients to 1e-5 relative, for every parameter."""
+@pytest.mark.parametrize("dep,bin_size", [(True, None), (False, None), (False, 80)])
+def test_dep_and_end_to_end_match_plain_backprop(setup, dep, bin_size):
+    """DEP (balanced over 8 devices, three phases) and its dep=False twin (row-local, one value_and_grad; one
+    bin per device, or bins of 80 patches so that some devices run two) give the plain K25Model's loss and
+    gradients to 1e-5 relative, for every parameter."""
     cfg, model_def, params, buffers, raw, ref = setup
     mesh = make_mesh(MESH)
-    batch, (plan,) = prepare_batch(raw, cfg, mesh, dep=dep)
+    batch, (plan,) = prepare_batch(raw, cfg, mesh, dep=dep, bin_size=bin_size)
     assert len(plan.assignment) == 8
     fn = dep_value_and_grad if dep else end_to_end_value_and_grad
     with jax.set_mesh(mesh):  # the MoE takes its expert-parallel path, as in training
