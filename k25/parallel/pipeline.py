@@ -89,10 +89,13 @@ def _from_stages(tree: Any) -> Any:
 
 
 class _Tick:
-    """One stage's view of the tick loop. A schedule's subclass supplies `init()` (the loop carry),
-    `branches()` (indexed by the table's op code: idle / forward / forward before the head / backward; each
-    `(carry, row) -> (carry, output to send forward, cotangent to send back)`) and `head_step` (the loss of
-    a microbatch that just left the last chunk)."""
+    """One stage's view of the tick loop. A schedule's subclass supplies `init()` (the loop carry) and
+    `tick(carry, row) -> (carry, output sent to the next stage, cotangent sent to the previous one)`.
+
+    Only small values go into the `lax.switch` / `lax.cond` that pick a tick's work: the buffers (inputs,
+    cotangents, residuals, gradient sums) are sliced before and updated after, by the slot the table names
+    (-1: leave unchanged), so a conditional never has to carry, and copy, a whole buffer.
+    """
 
     def __init__(self, s: Schedule, me: jax.Array, stage_fn: StageFn, head_fn: HeadFn, sp: Any, sb: Any, hp: Any,
                  x: jax.Array, side: Any, hdata: Any):
@@ -107,10 +110,16 @@ class _Tick:
         _, self.head_aux_shapes = jax.eval_shape(lambda h: head_fn(h, x0, _take(hdata, 0)), hp)
         self.zero = jnp.zeros(x.shape[1:], x.dtype)
 
-    # ------------------------------------------------------------------ pieces shared by both schedules
+    def common_init(self) -> dict:
+        s = self.s
+        return {"xbuf": jnp.zeros((max(s.x_slots, 1), *self.x.shape[1:]), self.x.dtype),
+                "aux": _aux_init({k: jax.ShapeDtypeStruct((s.virtual, *a.shape), a.dtype)
+                                  for k, a in self.aux_shapes.items()}),
+                "head_aux": _aux_init(self.head_aux_shapes), "loss": jnp.zeros((), jnp.float32)}
+
     def unit_input(self, c: dict, row: jax.Array) -> jax.Array:
         """The chunk's input: the microbatch itself for the first chunk, else what waits in the x buffer."""
-        fresh = jnp.asarray(self.x)[row[sched.MICRO]]
+        fresh = jnp.asarray(self.x)[jnp.maximum(row[sched.MICRO], 0)]
         held = c["xbuf"][jnp.maximum(row[sched.X_SLOT], 0)]
         return jnp.where(row[sched.X_SLOT] < 0, fresh, held)
 
@@ -119,44 +128,47 @@ class _Tick:
         b, side = _take(self.sb, r), _take(self.side, i)
         return lambda p, x: self.stage_fn(p, b, x, side)
 
-    def record_aux(self, c: dict, r: jax.Array, aux: dict) -> dict:
+    def record(self, c: dict, row: jax.Array, aux: dict, loss: jax.Array, head_aux: dict) -> dict:
+        """Fold a forward's stats into its chunk's row and a head's loss into the sums (no-ops otherwise)."""
+        op, r = row[sched.OP], jnp.maximum(row[sched.CHUNK], 0)
+        is_fwd, is_head = (op == sched.FWD) | (op == sched.FWD_HEAD), op == sched.FWD_HEAD
         old = _take(c["aux"], r)
-        return {k: c["aux"][k].at[r].set(v) for k, v in _merge_aux(old, aux).items()}
+        new = jax.tree.map(lambda a, b: jnp.where(is_fwd, a, b), _merge_aux(old, aux), old)
+        head = jax.tree.map(lambda a, b: jnp.where(is_head, a, b), _merge_aux(c["head_aux"], head_aux),
+                            c["head_aux"])
+        return dict(c, aux={k: c["aux"][k].at[r].set(v) for k, v in new.items()}, head_aux=head,
+                    loss=c["loss"] + jnp.where(is_head, loss, 0.0))
 
-    def head(self, hp: Any, y: jax.Array, i: jax.Array) -> tuple[jax.Array, dict]:
-        return self.head_fn(hp, y, _take(self.hdata, i))
-
-    def idle(self, c: dict, row: jax.Array) -> tuple[dict, jax.Array, jax.Array]:
-        return c, self.zero, self.zero
+    def zeros_like_shapes(self, shapes: Any) -> Any:
+        return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
 
 class _GPipeTick(_Tick):
     """Forward-only ticks; autodiff supplies the backward."""
 
     def init(self) -> dict:
-        s = self.s
-        return {"xbuf": jnp.zeros((max(s.x_slots, 1), *self.x.shape[1:]), self.x.dtype),
-                "aux": _aux_init({k: jax.ShapeDtypeStruct((s.virtual, *a.shape), a.dtype)
-                                  for k, a in self.aux_shapes.items()}),
-                "head_aux": _aux_init(self.head_aux_shapes), "loss": jnp.zeros((), jnp.float32)}
+        return self.common_init()
 
-    def forward(self, c: dict, row: jax.Array) -> tuple[dict, jax.Array, jax.Array]:
-        r, i = row[sched.CHUNK], row[sched.MICRO]
+    def tick(self, c: dict, row: jax.Array) -> tuple[dict, jax.Array, jax.Array]:
+        r, i = jnp.maximum(row[sched.CHUNK], 0), jnp.maximum(row[sched.MICRO], 0)
 
         def unit(sp, x):  # the chunk's parameters are re-sliced in the backward, not saved per tick
             p = jax.tree.map(lambda a: checkpoint_name(a, _PARAMS), _take(sp, r))
             return self.chunk_call(r, i)(p, x)
 
-        policy = jax.checkpoint_policies.save_anything_except_these_names(_PARAMS)
-        y, aux = jax.checkpoint(unit, policy=policy)(self.sp, self.unit_input(c, row))
-        return dict(c, aux=self.record_aux(c, r, aux)), y, self.zero
+        def forward(x):
+            policy = jax.checkpoint_policies.save_anything_except_these_names(_PARAMS)
+            return jax.checkpoint(unit, policy=policy)(self.sp, x)
 
-    def head_step(self, c: dict, row: jax.Array, y: jax.Array) -> dict:
-        loss, haux = self.head(self.hp, y, row[sched.MICRO])
-        return dict(c, loss=c["loss"] + loss, head_aux=_merge_aux(c["head_aux"], haux))
+        def idle(x):
+            return self.zero, self.zeros_like_shapes(self.aux_shapes)
 
-    def branches(self) -> list[Callable]:
-        return [self.idle, self.forward, self.forward, self.idle]
+        y, aux = jax.lax.switch(row[sched.OP], [idle, forward, forward, idle], self.unit_input(c, row))
+        last = row[sched.OP] == sched.FWD_HEAD  # the microbatch left the last chunk: its loss, here
+        loss, head_aux = jax.lax.cond(
+            last, lambda y: self.head_fn(self.hp, y, _take(self.hdata, i)),
+            lambda y: (jnp.zeros((), jnp.float32), self.zeros_like_shapes(self.head_aux_shapes)), y)
+        return self.record(c, row, aux, loss, head_aux), jnp.where(last, self.zero, y), self.zero
 
 
 class _OneFOneBTick(_Tick):
@@ -185,48 +197,60 @@ class _OneFOneBTick(_Tick):
 
     def init(self) -> dict:
         s, x = self.s, self.x
-        return {"xbuf": jnp.zeros((max(s.x_slots, 1), *x.shape[1:]), x.dtype),
+        return {**self.common_init(),
                 "gbuf": jnp.zeros((max(s.g_slots, 1), *x.shape[1:]), x.dtype),
                 "res": [jnp.zeros((max(s.res_slots, 1), *a.shape), a.dtype) for a in self.res_shapes],
-                "aux": _aux_init({k: jax.ShapeDtypeStruct((s.virtual, *a.shape), a.dtype)
-                                  for k, a in self.aux_shapes.items()}),
-                "head_aux": _aux_init(self.head_aux_shapes), "loss": jnp.zeros((), jnp.float32),
                 "grad": jax.tree.map(jnp.zeros_like, self.sp), "head_grad": jax.tree.map(jnp.zeros_like, self.hp),
                 "dx": jnp.zeros_like(x)}
 
-    def forward(self, c: dict, row: jax.Array) -> tuple[dict, jax.Array, jax.Array]:
-        r, i, k = row[sched.CHUNK], row[sched.MICRO], row[sched.RES_SLOT]
+    def forward(self, r: jax.Array, i: jax.Array, x: jax.Array, g: jax.Array, res: list) -> tuple:
         p = _take(self.sp, r)
-        y, vjp_fn, aux = jax.vjp(self.chunk_call(r, i), p, self.unit_input(c, row), has_aux=True)
+        y, vjp_fn, aux = jax.vjp(self.chunk_call(r, i), p, x, has_aux=True)
         leaves = jax.tree.leaves(vjp_fn)
         if self._param_positions(p, leaves) != self.from_params:
             raise RuntimeError("pipeline 1f1b: the chunk's VJP residuals changed structure between traces.")
         stored = [leaf for leaf, j in zip(leaves, self.from_params) if j < 0]
-        c = dict(c, aux=self.record_aux(c, r, aux), res=[buf.at[k].set(v) for buf, v in zip(c["res"], stored)])
-        return c, y, self.zero
+        return y, stored, aux, jax.tree.map(jnp.zeros_like, p), self.zero
 
-    def head_step(self, c: dict, row: jax.Array, y: jax.Array) -> dict:
-        """Loss of the finished microbatch, and its cotangent parked for the last chunk's backward."""
-        loss, head_vjp, haux = jax.vjp(lambda hp, y: self.head(hp, y, row[sched.MICRO]), self.hp, y, has_aux=True)
-        dhp, dy = head_vjp(jnp.ones_like(loss))
-        return dict(c, loss=c["loss"] + loss, head_aux=_merge_aux(c["head_aux"], haux),
-                    head_grad=jax.tree.map(jnp.add, c["head_grad"], dhp),
-                    gbuf=c["gbuf"].at[row[sched.G_SLOT]].set(dy.astype(self.x.dtype)))
-
-    def backward(self, c: dict, row: jax.Array) -> tuple[dict, jax.Array, jax.Array]:
-        r, i, k = row[sched.CHUNK], row[sched.MICRO], row[sched.RES_SLOT]
+    def backward(self, r: jax.Array, i: jax.Array, x: jax.Array, g: jax.Array, res: list) -> tuple:
         params = jax.tree.leaves(_take(self.sp, r))
-        stored = iter([buf[k] for buf in c["res"]])
-        leaves = [params[j] if j >= 0 else next(stored) for j in self.from_params]
-        vjp_fn = jax.tree.unflatten(self.treedef, leaves)
-        dp, dx = vjp_fn(c["gbuf"][row[sched.G_SLOT]])
-        grad = jax.tree.map(lambda acc, g: acc.at[r].add(g), c["grad"], dp)
-        first = (r == 0) & (self.me == 0)  # the gradient w.r.t. the pipeline input, not sent anywhere
-        c = dict(c, grad=grad, dx=_put(c["dx"], jnp.where(first, i, -1), dx))
-        return c, self.zero, jnp.where(first, self.zero, dx)
+        stored = iter(res)
+        vjp_fn = jax.tree.unflatten(self.treedef, [params[j] if j >= 0 else next(stored) for j in self.from_params])
+        dp, dx = vjp_fn(g)
+        return self.zero, self.zeros_like_shapes(self.res_shapes), self.zeros_like_shapes(self.aux_shapes), dp, dx
 
-    def branches(self) -> list[Callable]:
-        return [self.idle, self.forward, self.forward, self.backward]
+    def idle(self, r: jax.Array, i: jax.Array, x: jax.Array, g: jax.Array, res: list) -> tuple:
+        return (self.zero, self.zeros_like_shapes(self.res_shapes), self.zeros_like_shapes(self.aux_shapes),
+                jax.tree.map(jnp.zeros_like, _take(self.sp, r)), self.zero)
+
+    def head(self, y: jax.Array, i: jax.Array) -> tuple:
+        """Loss of the finished microbatch, its stats, the head's gradient and the cotangent for y."""
+        loss, head_vjp, haux = jax.vjp(lambda hp, y: self.head_fn(hp, y, _take(self.hdata, i)), self.hp, y,
+                                       has_aux=True)
+        dhp, dy = head_vjp(jnp.ones_like(loss))
+        return loss, haux, dhp, dy.astype(self.x.dtype)
+
+    def no_head(self, y: jax.Array, i: jax.Array) -> tuple:
+        return (jnp.zeros((), jnp.float32), self.zeros_like_shapes(self.head_aux_shapes),
+                jax.tree.map(jnp.zeros_like, self.hp), self.zero)
+
+    def tick(self, c: dict, row: jax.Array) -> tuple[dict, jax.Array, jax.Array]:
+        op, r, i = row[sched.OP], jnp.maximum(row[sched.CHUNK], 0), jnp.maximum(row[sched.MICRO], 0)
+        slot, g_slot = row[sched.RES_SLOT], row[sched.G_SLOT]
+        is_fwd, is_bwd, last = (op == sched.FWD) | (op == sched.FWD_HEAD), op == sched.BWD, op == sched.FWD_HEAD
+        g = c["gbuf"][jnp.maximum(g_slot, 0)]
+        res = [buf[jnp.maximum(slot, 0)] for buf in c["res"]]
+        y, stored, aux, dp, dx = jax.lax.switch(op, [self.idle, self.forward, self.forward, self.backward],
+                                                r, i, self.unit_input(c, row), g, res)
+        loss, head_aux, dhp, dy = jax.lax.cond(last, self.head, self.no_head, y, i)
+        first = is_bwd & (r == 0) & (self.me == 0)  # the gradient w.r.t. the pipeline input, kept here
+        c = dict(self.record(c, row, aux, loss, head_aux),
+                 res=[_put(buf, jnp.where(is_fwd, slot, -1), v) for buf, v in zip(c["res"], stored)],
+                 gbuf=_put(c["gbuf"], jnp.where(last, g_slot, -1), dy),
+                 grad=jax.tree.map(lambda acc, d: acc.at[r].add(d), c["grad"], dp),
+                 head_grad=jax.tree.map(jnp.add, c["head_grad"], dhp),
+                 dx=_put(c["dx"], jnp.where(first, i, -1), dx))
+        return c, jnp.where(last, self.zero, y), jnp.where(first, self.zero, dx)
 
 
 def _run(s: Schedule, tick_cls: type[_Tick], stage_fn: StageFn, head_fn: HeadFn, sp: Any, sb: Any, hp: Any,
@@ -248,14 +272,10 @@ def _run(s: Schedule, tick_cls: type[_Tick], stage_fn: StageFn, head_fn: HeadFn,
         sp, sb = jax.tree.map(lambda a: a[0], (sp, sb))
         me = jnp.int32(0) if p == 1 else jax.lax.axis_index(PP)
         t = tick_cls(s, me, stage_fn, head_fn, sp, sb, hp, x, side, hdata)
-        branches = t.branches()
 
         def step(c, rows):
             row = rows[t.me]
-            c, y, send_b = jax.lax.switch(row[sched.OP], branches, c, row)
-            last = row[sched.OP] == sched.FWD_HEAD  # the microbatch left the last chunk: its loss, here
-            c = jax.lax.cond(last, lambda c: t.head_step(c, row, y), lambda c: c, c)
-            send_f = jnp.where(last, t.zero, y)
+            c, send_f, send_b = t.tick(c, row)
             c = dict(c, xbuf=_put(c["xbuf"], row[sched.RECV_X], shift(send_f, fwd_perm)))
             if "gbuf" in c:
                 c = dict(c, gbuf=_put(c["gbuf"], row[sched.RECV_G], shift(send_b, bwd_perm)))
