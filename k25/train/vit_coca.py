@@ -6,7 +6,7 @@
                      log 10 and -10) between pooled MoonViT embeddings and a small text encoder, plus
                      `caption_weight` (2) x caption cross-entropy through a small cross-attending decoder.
 * "caption_align"  - caption loss only, through the K2.5 path (MoonViT -> projector -> K2 decoder, the vision
-                     tokens spliced in at the media placeholders); the ViT is updated. The report aligns to a
+                     tokens in front of the text; see `caption_forward`); the ViT is updated. The report aligns to a
                      trained Moonlight; here the small K2 starts untrained, so by default it trains as well
                      (`config.optim.trainable` narrows what trains).
 * "projector_only" - the same caption loss with only `mm_projector` trainable (the short bridge to the big LLM).
@@ -49,18 +49,21 @@ PHASES = ("coca", "caption_align", "projector_only")
 
 
 def load_parts(workdir: str, parts: tuple[str, ...]) -> dict[str, Any]:
-    """{part: params pure dict (numpy)} from the latest checkpoint under `workdir` ({} when workdir is empty)."""
+    """{part: {"params": ..., "buffers": ...}} pure dicts (numpy) from the latest checkpoint under `workdir`
+    ({} when workdir is empty). Buffers (the MoE routing biases) come along: routing depends on them."""
     if not workdir:
         return {}
-    step = Checkpointer(workdir, async_save=False).latest_step()
+    step = None
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):  # (a Checkpointer would create the directory)
+        step = Checkpointer(workdir, async_save=False).latest_step()
     if step is None:
         raise ValueError(f"config.init_from={workdir!r} holds no checkpoint; run the earlier phase there first.")
     path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
-    params = ocp.StandardCheckpointer().restore(path)["params"]
-    missing = [p for p in parts if p not in params]
+    state = ocp.StandardCheckpointer().restore(path)
+    missing = [p for p in parts if p not in state["params"]]
     if missing:
-        raise ValueError(f"config.init_parts {missing} are not in {path}; it has {sorted(params)}.")
-    return {p: jax.device_get(params[p]) for p in parts}
+        raise ValueError(f"config.init_parts {missing} are not in {path}; it has {sorted(state['params'])}.")
+    return {p: jax.device_get({k: state[k].get(p, {}) for k in ("params", "buffers")}) for p in parts}
 
 
 def caption_forward(model: K25Model, pixel_values: jnp.ndarray, ids: jnp.ndarray, pack_size: int) -> DecoderOutput:
@@ -111,17 +114,17 @@ class ViTStage:
         """A fresh model, with the `init_parts` of the `init_from` run copied in (as constants: fine at this
         scale; a sharded restore would be the path for large towers)."""
         model = CoCa(self.coca_cfg, rngs=rngs) if self.phase == "coca" else K25Model(self.k25_cfg, rngs=rngs)
-        for part, values in self.init_params.items():
+        for part, saved in self.init_params.items():
             if not hasattr(model, part):
                 raise ValueError(f"config.init_parts: the {self.phase} model has no {part!r}.")
-            state = nnx.state(getattr(model, part), nnx.Param)
-            want = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(state))
-            got = jax.tree.map(lambda x: x.shape, values)
-            if want != got:
-                raise ValueError(f"config.init_from: {part!r} in {self.config.init_from} has other shapes than this "
-                                 "config's; the vision/lm configs must match the earlier phase's.")
-            nnx.replace_by_pure_dict(state, values)
-            nnx.update(getattr(model, part), state)
+            _, params, buffers = nnx.split(getattr(model, part), nnx.Param, ...)
+            for state, values in ((params, saved["params"]), (buffers, saved["buffers"])):
+                want = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(state))
+                if want != jax.tree.map(lambda x: x.shape, values):
+                    raise ValueError(f"config.init_from: {part!r} in {self.config.init_from} has other shapes than "
+                                     "this config's; the vision/lm configs must match the earlier phase's.")
+                nnx.replace_by_pure_dict(state, values)
+                nnx.update(getattr(model, part), state)
         return model
 
     # ------------------------------------------------------------------------------------------- losses
