@@ -21,6 +21,9 @@ instead of 6N per weight), so the FLOP bound on the efficiency is 1 / (1 + f * r
 (reported as `flop_bound_efficiency`). Weight-free attention FLOPs are not in r: the small ViT's dense
 masked attention over a device's whole pack costs relatively more than at full width.
 
+The vision packs are split into attention bins of `bin_size` patches (`k25.parallel.dep_plan`), for both
+multimodal variants.
+
 `balance` = max / mean vision patches per device, with DEP (greedy over all devices) and without (each
 device encodes the images of its own batch rows). `peak_bytes` = compiled `memory_analysis()` temp bytes
 per device of the gradient computation.
@@ -152,6 +155,7 @@ def run(argv: list[str]) -> dict:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--vision_fraction", type=float, default=0.5, help="share of all tokens that are image tokens")
     p.add_argument("--max_side", type=int, default=16, help="largest image side in patches")
+    p.add_argument("--bin_size", type=int, default=512, help="patches per attention bin (0: one bin per device)")
     p.add_argument("--mesh", default="1,8,1", help="pp,dp,ep")
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args(argv)
@@ -180,7 +184,7 @@ def run(argv: list[str]) -> dict:
     add("text_only", text_only_value_and_grad, text)
     for name, dep, grad_fn in (("with_dep", True, dep_value_and_grad),
                                ("without_dep", False, end_to_end_value_and_grad)):
-        batch, (plan,) = prepare_batch(raw, cfg, mesh, dep=dep)
+        batch, (plan,) = prepare_batch(raw, cfg, mesh, dep=dep, bin_size=a.bin_size or None)
         balance[name] = plan.balance
         add(name, functools.partial(_planned, grad_fn, mesh), batch)
     with jax.set_mesh(mesh):
