@@ -106,10 +106,11 @@ class Evaluator:
         ids = jnp.asarray(np.stack([t["text_ids"] for t in texts]))
         mask = jnp.asarray(np.stack([t["text_mask"] for t in texts]))
         scores = np.zeros((n, n), np.float32)
+        text_emb = model.text_embedding(ids, mask) if self.kind == "coca" else None
         for group in by_shape(self.pool):
             tokens = jnp.asarray(self.vision_tokens(model, [self.pool[i] for i in group]))
-            if self.kind == "coca":
-                rows = jnp.dot(model.image_embedding(tokens), model.text_embedding(ids, mask).T)
+            if text_emb is not None:
+                rows = jnp.dot(model.image_embedding(tokens), text_emb.T)
             else:
                 rows = jnp.stack([self._text_loglik(model, tokens[k], ids, mask) for k in range(len(group))])
             scores[group] = np.asarray(rows)
