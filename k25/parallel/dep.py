@@ -110,6 +110,11 @@ def check_inputs(params: dict, batch: dict, mesh: Mesh) -> None:
     if missing:
         raise ValueError(f"params is missing {missing}: DEP needs a K25Model's params (vision_tower, "
                          "mm_projector, language_model).")
+    check_batch(batch, mesh)
+
+
+def check_batch(batch: dict, mesh: Mesh) -> None:
+    """The planned arrays are present, planned for this mesh, and `media_src` matches `input_ids`."""
     for k in [f"vision/{k}" for k in VISION_KEYS] + ["media_src", "input_ids"]:
         if k not in batch:
             raise ValueError(f"batch[{k!r}] is missing; build it with k25.parallel.dep_plan.plan_vision.")
@@ -228,7 +233,11 @@ def step_loss_fn(loss_fn: EmbedsLoss, mesh: Mesh, *, dep: bool) -> Callable[[nnx
     non-finite steps) is used unchanged and receives exactly `dep_value_and_grad`'s gradients.
     """
     if not dep:
-        return lambda model, batch: embeds_loss(model, batch, loss_fn, mesh)
+        def end_to_end(model: nnx.Module, batch: dict) -> tuple[jnp.ndarray, dict]:
+            check_batch(batch, mesh)
+            return embeds_loss(model, batch, loss_fn, mesh)
+
+        return end_to_end
 
     def fn(model: nnx.Module, batch: dict) -> tuple[jnp.ndarray, dict]:
         model_def, params, buffers = split_model(model)
