@@ -2,7 +2,18 @@
 
     python -m experiments.run --config=experiments/k2_full.py --workdir=DIR --dry_run
 builds the run abstractly (no weights allocated), lowers one training step and writes DIR/plan.json.
-ARG: "" (bf16 compute over f32 parameters, 4096 context).
+ARG: "" (bf16 compute over f32 parameters, 4096 context, one device's mesh) or "layout": the published
+training layout of the report's appendix C on 512 devices: 16-way pipeline with virtual stages under
+interleaved 1F1B, 16-way expert parallelism, 2-way ZeRO-1 data parallelism. Plan it on one CPU host with
+emulated devices:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=512 JAX_PLATFORMS=cpu \
+      python -m experiments.run --config=experiments/k2_full.py:layout --workdir=DIR --dry_run --compile
+
+Layout choices the seeds leave open (see BUILD_NOTES.md): virtual_stages=3 puts one MoE layer in each of
+the 48 pipeline chunks (60 = 3*16 + 12; the dense layer and 12 MoE layers run before the pipeline on every
+stage); 16 microbatches (interleaving needs a multiple of pp) and 32 accumulation steps, so each of the 32
+data ranks holds one 4096-token sequence per microbatch; selective recomputation as in the report.
 """
 
 from __future__ import annotations
@@ -13,8 +24,8 @@ from k25.model.config import k2_full
 
 
 def get_config(arg: str | None = None):
-    if arg:
-        raise ValueError(f"k2_full: unknown ARG {arg!r}.")
+    if arg not in (None, "", "layout"):
+        raise ValueError(f"k2_full: unknown ARG {arg!r}; use '' or 'layout'.")
     c = base_config()
     c.model = model_config_dict(k2_full())  # dtype bfloat16, param_dtype float32
     c.data = default_data_config()
@@ -27,4 +38,9 @@ def get_config(arg: str | None = None):
     c.optim.warmup_steps = 500
     c.optim.qk_clip_tau = 100.0
     c.eval_examples = 0
+    if arg == "layout":
+        c.mesh.update(pp=16, dp=2, ep=16)
+        c.pipeline.update(virtual_stages=3, microbatches=16, schedule="1f1b")
+        c.optim.accum_steps = 32
+        c.model.remat = "selective"
     return c

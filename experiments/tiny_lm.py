@@ -17,7 +17,7 @@ def get_config(arg: str | None = None):
     c.model = model_config_dict(tiny(vocab_size=272, hidden_size=128, num_hidden_layers=4))
     c.data = default_data_config()
     c.data.tokenizer = "byte"
-    c.total_steps = 600
+    c.total_steps = 400
     c.batch_size = 16
     c.seq_len = 128
     c.log_every = 20
