@@ -31,6 +31,10 @@ per device of the gradient computation.
 
 from __future__ import annotations
 
+from experiments.benchmarks._devices import emulate_cpu_devices
+
+emulate_cpu_devices(8)
+
 import argparse
 import functools
 import itertools

@@ -23,31 +23,28 @@ and its compiled temporary bytes (1f1b keeps at most ~p*v microbatch units of re
 
 from __future__ import annotations
 
-import os
+from experiments.benchmarks._devices import emulate_cpu_devices
 
-if "jax" not in __import__("sys").modules and "xla_force_host_platform_device_count" not in os.environ.get(
-        "XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+emulate_cpu_devices(8)
 
-import argparse  # noqa: E402
-import re  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import re
+from typing import Any
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-from experiments.benchmarks._timing import machine, median_seconds  # noqa: E402
-from k25.model.config import tiny  # noqa: E402
-from k25.model.decoder import K2Model  # noqa: E402
-from k25.parallel import schedule as sched  # noqa: E402
-from k25.parallel.expert import a2a_bytes_per_step  # noqa: E402
-from k25.parallel.mesh import batch_sharding, make_mesh, state_shardings  # noqa: E402
-from k25.train.pipelined_lm import PipelineSettings, pipelined_decoder_loss  # noqa: E402
-from k25.train.pretrain import lm_loss, token_loss_sum  # noqa: E402
-from k25.train.state import split_model  # noqa: E402
+from experiments.benchmarks._timing import machine, median_seconds
+from k25.model.config import tiny
+from k25.model.decoder import K2Model
+from k25.parallel import schedule as sched
+from k25.parallel.expert import a2a_bytes_per_step
+from k25.parallel.mesh import batch_sharding, make_mesh, state_shardings
+from k25.train.pipelined_lm import PipelineSettings, pipelined_decoder_loss
+from k25.train.pretrain import lm_loss, token_loss_sum
+from k25.train.state import split_model
 
 
 def _batch(b: int, s: int, vocab: int) -> dict[str, jax.Array]:
