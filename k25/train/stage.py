@@ -19,6 +19,7 @@ from k25.train.step import StepConfig
 STAGES = {
     "lm": "k25.train.pretrain:TextLMStage",
     "vit": "k25.train.vit_coca:ViTStage",
+    "k25": "k25.train.joint:JointStage",
 }
 
 
