@@ -40,17 +40,20 @@ def test_rows_interleave_images_of_several_sizes_and_text():
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {k: (v.shape, v.dtype) for k, v in spec.items()}
 
 
+@pytest.mark.slow
 def test_smoke_dep_off_and_on_agree(tmp_path):
     """Two steps each way through `loop.train`: equal losses (the same data and the same gradients)."""
     losses = {}
     for dep in (False, True):
         workdir = str(tmp_path / f"dep_{dep}")
-        result = loop.train(smoke_config(dep), workdir)
+        config = smoke_config(dep)
+        config.eval_examples = 0 if dep else config.eval_examples  # the eval ignores dep: run it once
+        result = loop.train(config, workdir)
         assert result["step"] == 2
         rows = read_metrics(workdir)
         assert [r["step"] for r in rows if "loss" in r] == [1, 2]
         assert all(np.isfinite(r["loss"]) and r["nonfinite_steps"] == 0 for r in rows if "loss" in r)
-        assert "eval/caption_loss" in rows[-1]
+        assert ("eval/caption_loss" in rows[-1]) == (not dep)
         losses[dep] = [r["loss"] for r in rows if "loss" in r]
     np.testing.assert_allclose(losses[True][0], losses[False][0], rtol=1e-5)
     np.testing.assert_allclose(losses[True][1], losses[False][1], rtol=1e-4)
