@@ -21,9 +21,11 @@ parameters and `x`:
 How the stages run: `jax.shard_map` over `pp` only (`axis_names={"pp"}`), so inside a stage the dp/ep axes
 stay automatic and the model code is the ordinary, unpipelined code, including the expert-parallel MoE,
 whose own `shard_map` over dp/ep nests inside this one (k25/parallel/expert.py). Each tick a stage reads
-its instruction from the static schedule table and `lax.switch`es to idle / forward / forward+head /
-backward, so an idle stage really skips the work (a `vmap` over stages, MaxText's choice, would run every
-branch on every stage and select); activations and cotangents move one stage per tick by `ppermute`.
+its instruction from the static schedule table and `lax.switch`es to idle / forward / backward (then a
+`lax.cond` runs the loss head when a microbatch has just left the last chunk), so an idle stage really
+skips the work (a `vmap` over stages, MaxText's choice, would run every branch on every stage and select);
+activations and cotangents move one stage per tick by `ppermute`. A single stage (pp=1, microbatching
+only) runs the same loop without a shard_map.
 
 The outer shard_map uses `check_vma=False`. With jax 0.10.2's default `check_vma=True`, differentiating
 the nested expert-parallel shard_map fails to lower: `ShapedArray.nospec` names a residual's varying axes
