@@ -30,7 +30,7 @@ only) runs the same loop without a shard_map.
 The outer shard_map uses `check_vma=False`. With jax 0.10.2's default `check_vma=True`, differentiating
 the nested expert-parallel shard_map fails to lower: `ShapedArray.nospec` names a residual's varying axes
 in mesh order, ("pp", "dp", "ep"), and Shardy rejects the inner manual computation because the outer
-manual axis `pp` comes before its own `dp` (a TODO in jax's core.py). Without vma checking the outer
+manual axis `pp` comes before its own `dp` (a case jax's core.py leaves unhandled). Without vma checking the outer
 residuals carry no `pp` annotation and the nested shard_map lowers. The code here does not depend on
 vma-typed transposes: values cross stages only through `ppermute` (its transpose is the reverse
 permutation) and leave the shard_map stacked per stage (`out_specs=P("pp")`); inputs replicated over pp

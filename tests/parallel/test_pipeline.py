@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from lm_configs import small_lm_config
 
-from experiments import tiny_lm
 from k25.train import loop
 from k25.train.metrics import read_metrics
 
@@ -26,13 +26,7 @@ CASES = [((2, 2, 2), 2, 2), ((1, 2, 4), 2, 2), ((2, 1, 4), 1, 4)]
 
 
 def config(mesh=(1, 1, 1), virtual=1, microbatches=1, schedule="gpipe", devices=0):
-    c = tiny_lm.get_config("smoke")
-    c.model.num_hidden_layers = 6
-    c.model.hidden_size = 64
-    c.batch_size, c.seq_len = 16, 32
-    c.total_steps, c.log_every, c.checkpoint_every = 3, 1, 100
-    c.eval_examples = 0
-    c.async_checkpoints = False
+    c = small_lm_config(layers=6, batch=16, seq_len=32)
     c.mesh.pp, c.mesh.dp, c.mesh.ep = mesh
     c.mesh.devices = devices
     c.pipeline.virtual_stages, c.pipeline.microbatches, c.pipeline.schedule = virtual, microbatches, schedule

@@ -2,8 +2,8 @@
 
 import numpy as np
 from jax.sharding import PartitionSpec as P
+from lm_configs import small_lm_config
 
-from experiments import tiny_lm
 from k25.parallel.mesh import make_mesh
 from k25.parallel.zero import zero1_spec
 from k25.train import loop
@@ -11,13 +11,7 @@ from k25.train.metrics import read_metrics
 
 
 def small(**mesh):
-    c = tiny_lm.get_config("smoke")
-    c.model.num_hidden_layers = 3
-    c.model.hidden_size = 64
-    c.batch_size, c.seq_len = 8, 64
-    c.total_steps, c.log_every, c.checkpoint_every = 3, 1, 100
-    c.eval_examples = 0
-    c.async_checkpoints = False
+    c = small_lm_config(layers=3, batch=8, seq_len=64)
     for k, v in mesh.items():
         c.mesh[k] = v
     return c

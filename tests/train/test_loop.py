@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from lm_configs import small_lm_config
 
-from experiments import tiny_lm
 from k25.train import loop, stage
 from k25.train.checkpoint import CheckpointError
 from k25.train.metrics import read_metrics
@@ -21,13 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def small_config(**kw):
-    c = tiny_lm.get_config("smoke")
-    c.model.num_hidden_layers = 2
-    c.model.hidden_size = 64
-    c.batch_size, c.seq_len = 4, 64
-    c.total_steps, c.log_every, c.checkpoint_every = 6, 1, 3
-    c.eval_examples = 0
-    c.async_checkpoints = False
+    c = small_lm_config(layers=2, batch=4, seq_len=64, total_steps=6, checkpoint_every=3)
     c.mesh.devices = 1
     for k, v in kw.items():
         c[k] = v
