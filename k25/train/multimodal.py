@@ -24,6 +24,7 @@ from k25.model.decoder import K2Model
 from k25.model.vision_config import K25Config
 from k25.parallel.dep import EmbedsLoss, step_loss_fn
 from k25.parallel.dep_plan import VisionPlan, balanced_plan, chunk_rows, media_chunks, rows_plan
+from k25.train.pretrain import token_loss_sum
 from k25.train.state import ModelDef, TrainState
 from k25.train.step import StepConfig, make_train_step
 
@@ -34,10 +35,9 @@ MEDIA_KEYS = (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_valu
 def multimodal_lm_loss(language_model: K2Model, embeds: jnp.ndarray, batch: dict) -> tuple[jnp.ndarray, dict]:
     """Summed next-token cross-entropy over `loss_mask` given input embeddings (media tokens spliced in)."""
     out = language_model(inputs_embeds=embeds, positions=batch["positions"], segment_ids=batch["segment_ids"])
-    ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"])
-    mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(ce * mask), {"num_tokens": jnp.sum(mask), "max_attn_logits": out.max_attn_logits,
-                                "expert_counts": out.expert_counts}
+    loss, num_tokens = token_loss_sum(out.logits, batch["targets"], batch["loss_mask"])
+    return loss, {"num_tokens": num_tokens, "max_attn_logits": out.max_attn_logits,
+                  "expert_counts": out.expert_counts}
 
 
 def dep_enabled(config: Any) -> bool:
