@@ -27,7 +27,8 @@ Moonlight's "consistent RMS" factor 0.2*sqrt(max(A, B)) makes the update RMS mat
 groups can share one learning rate and weight decay. optax 0.2.8 implements exactly this factor as
 `consistent_rms`, but only inside `optax.contrib.muon` (whose non-Muon branch is a NAdamW tied to Muon's
 `nesterov` flag) or the private `optax.contrib._muon.scale_by_shape`; so we apply the same one-line scale here
-(`scale_by_consistent_rms`) on top of the public `optax.contrib.scale_by_muon`. The tests check the Muon branch
+(`scale_by_consistent_rms`) on top of `scale_by_batched_muon` (optax's Muon step, vmapped per matrix so that
+sharded batch axes stay sharded; see its docstring). The tests check the Muon branch
 against `optax.contrib.muon(consistent_rms=...)` leaf for leaf.
 
 QK-Clip (`qk_clip`) runs on the weights *after* the optimizer step: for every head whose max pre-softmax logit
@@ -38,6 +39,7 @@ is shared by all heads (kv_a_proj_with_mqa), so it is never touched; V columns a
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -45,7 +47,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from optax.contrib import MuonDimensionNumbers, scale_by_muon
+from optax.contrib import MuonDimensionNumbers, MuonState, scale_by_muon
 
 from k25.model.config import K2Config
 
@@ -123,6 +125,56 @@ def _muon_dim_numbers(updates: Any) -> Any:
 
 
 # -------------------------------------------------------------------------------------------- transforms
+def _newton_schulz(x: jnp.ndarray, coeffs: jnp.ndarray, steps: int, eps: float) -> jnp.ndarray:
+    """optax's quintic Newton-Schulz with Frobenius preconditioning, on one 2-D matrix."""
+    transposed = x.shape[0] > x.shape[1]
+    x = x.T if transposed else x
+    x = x / (jnp.linalg.norm(x) + eps)
+    c = coeffs.astype(x.dtype)
+    for _ in range(steps):
+        a = x @ x.T
+        x = c[0] * x + (c[1] * a + c[2] * a @ a) @ x
+    return x.T if transposed else x
+
+
+def scale_by_batched_muon(ns_steps: int = 5, beta: float = 0.95, eps: float = 1e-8, nesterov: bool = True
+                          ) -> optax.GradientTransformation:
+    """`optax.contrib.scale_by_muon` for leaves whose last two axes are the matrix and whose leading axes
+    (layers, experts) are batch axes, orthogonalised under one `vmap` per batch axis.
+
+    Same momentum, bias correction, Nesterov term and Newton-Schulz as optax (the tests compare leaf for
+    leaf), and the same `MuonState`, so checkpoints and the ZeRO-1 rules see the same tree. The difference
+    is the batch handling: optax reshapes all batch axes into one before its vmap. Under ZeRO-1 the expert
+    axis lies on `ep` (and the layer axis on `dp`); an axis merged from (layers, experts) whose minor part
+    is sharded is no longer a block per device, so XLA all-gathers the whole stack first (the K2 plan had
+    f32[11520, 2048, 7168] = 676 GB buffers per device). Nested vmaps leave every batch axis, and its
+    sharding, where it is.
+    """
+    base = scale_by_muon(ns_steps=ns_steps, beta=beta, eps=eps, nesterov=nesterov,
+                         weight_dimension_numbers=_muon_dim_numbers)
+
+    def orthogonalize(x: jnp.ndarray, coeffs: jnp.ndarray) -> jnp.ndarray:
+        f = functools.partial(_newton_schulz, coeffs=coeffs, steps=ns_steps, eps=eps)
+        for _ in range(x.ndim - 2):
+            f = jax.vmap(f)
+        return f(x)
+
+    def update_fn(updates: Any, state: MuonState, params: Any = None) -> tuple[Any, MuonState]:
+        del params
+        mu = optax.tree.update_moment(updates, state.mu, beta, 1)
+        count = optax.safe_increment(state.count)
+        if nesterov:
+            mu_hat = jax.tree.map(lambda m, g: beta * m + (1 - beta) * g,
+                                  optax.tree.bias_correction(mu, beta, optax.safe_increment(count)),
+                                  optax.tree.bias_correction(updates, beta, count))
+        else:
+            mu_hat = optax.tree.bias_correction(mu, beta, count)
+        out = jax.tree.map(lambda x: orthogonalize(x, state.ns_coeffs), mu_hat)
+        return out, MuonState(count=count, mu=mu, ns_coeffs=state.ns_coeffs)
+
+    return optax.GradientTransformation(base.init, update_fn)
+
+
 def scale_by_consistent_rms(rms_scale: float = 0.2) -> optax.GradientTransformation:
     """Moonlight's consistent-RMS factor rms_scale*sqrt(max(A, B)) on the last two axes (A, B) of each update.
 
@@ -167,8 +219,7 @@ def muon_clip(params: Any, *, learning_rate: optax.ScalarOrSchedule, weight_deca
     """
     labels = label_params(params, trainable)
     muon_branch = optax.chain(
-        scale_by_muon(ns_steps=ns_steps, beta=muon_momentum, eps=eps, nesterov=nesterov,
-                      weight_dimension_numbers=_muon_dim_numbers),
+        scale_by_batched_muon(ns_steps=ns_steps, beta=muon_momentum, eps=eps, nesterov=nesterov),
         scale_by_consistent_rms(rms_scale),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),

@@ -41,3 +41,24 @@ def test_zero1_dp8_matches_one_device(tmp_path):
     a = [m["loss"] for m in read_metrics(tmp_path / "one")]
     b = [m["loss"] for m in read_metrics(tmp_path / "eight")]
     np.testing.assert_allclose(a, b, rtol=1e-4)
+
+
+def test_muon_update_on_sharded_expert_stack_moves_no_data():
+    """Newton-Schulz per (layer, expert) matrix on the ZeRO-1 layout (layers on dp, experts on ep) needs no
+    collective: every rank owns whole matrices. (optax's merged batch axis made XLA all-gather the stack.)"""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+
+    from k25.optim.muon_clip import scale_by_batched_muon
+
+    mesh = make_mesh({"pp": 1, "dp": 2, "ep": 4})
+    spec = zero1_spec((4, 8, 16, 12), P(None, "ep", None, None), mesh, muon=True, expert=True)
+    leaf = jax.ShapeDtypeStruct((4, 8, 16, 12), jnp.float32, sharding=NamedSharding(mesh, spec))
+    tx = scale_by_batched_muon()
+    state = jax.eval_shape(tx.init, {"w": leaf})
+    state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(
+        mesh, spec if s.shape == leaf.shape else P())), state)
+    hlo = jax.jit(lambda g, s: tx.update(g, s)).lower({"w": leaf}, state).compile().as_text()
+    for op in ("all-gather", "all-to-all", "all-reduce", "collective-permute"):
+        assert op not in hlo, op
