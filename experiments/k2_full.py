@@ -43,4 +43,11 @@ def get_config(arg: str | None = None):
         c.pipeline.update(virtual_stages=3, microbatches=16, schedule="1f1b")
         c.optim.accum_steps = 32
         c.model.remat = "selective"
+        # expert all-to-all: each rank pair gets twice its average routed rows instead of the dropless worst
+        # case of ep*min(k, E/ep)/k = 16x; the report's system is dropless with ragged buffers, a static-shape
+        # plan needs a bound
+        c.model.ep_capacity_factor = 2.0
+        # query blocks of 512 rows: the backward recomputes each block's scores instead of keeping
+        # (64, 4096, 4096) float32 logits per sequence per layer
+        c.model.attention_chunk = 512
     return c

@@ -61,6 +61,11 @@ class K2Config:
     bias_update_rate: float = 1e-3  # aux-loss-free balancing step; 0 turns the bias update off
     grouped_gemm: str = "auto"  # expert compute: "ragged_dot", "blocked" (fast on CPU) or "auto" (by backend)
     moe_block_size: int = 128  # rows per block of the "blocked" grouped GEMM
+    # k25 only, expert parallelism (k25/parallel/expert.py): 0 = dropless worst-case all-to-all buffer;
+    # c > 0 = each (sender, receiver) rank pair gets C = ceil(c*t*k/ep) rows (t tokens per rank, rounded up to
+    # a multiple of 8, at most the worst case t*min(k, E/ep)); assignments past a pair's C are dropped and
+    # add nothing to their token's output, as in a capacity-limited MoE.
+    ep_capacity_factor: float = 0.0
     # positions / norms
     rope_theta: float = 50000.0
     rope_scaling: RopeScaling = dataclasses.field(
@@ -75,6 +80,7 @@ class K2Config:
     # memory policy (k25 only): see k25/model/remat.py
     remat: str = "none"  # "none" | "selective" (the report's set) | "full"
     remat_offload: bool = False  # with "selective": keep saved residuals in pinned host memory (GPU/TPU)
+    attention_chunk: int = 0  # query rows per attention block, recomputed in the backward; 0 = one (s, s) block
     # precision (k25 only)
     dtype: str = "bfloat16"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters
@@ -141,11 +147,16 @@ class K2Config:
             need(self.grouped_gemm in ("auto", "ragged_dot", "blocked"),
                  f"grouped_gemm={self.grouped_gemm!r} must be 'auto', 'ragged_dot' or 'blocked'.")
             need(self.moe_block_size > 0, f"moe_block_size={self.moe_block_size} must be positive.")
+            need(self.ep_capacity_factor >= 0,
+                 f"ep_capacity_factor={self.ep_capacity_factor} must be >= 0 (0 = dropless worst-case buffer).")
             need(self.bias_update_rate >= 0, f"bias_update_rate={self.bias_update_rate} must be >= 0 (0 = off).")
         if self.first_k_dense_replace > 0:
             need(self.intermediate_size > 0, "intermediate_size must be positive when there are dense layers.")
         need(self.remat in ("none", "selective", "full"),
              f"remat={self.remat!r} must be 'none', 'selective' or 'full'.")
+        need(self.attention_chunk >= 0,
+             f"attention_chunk={self.attention_chunk} must be >= 0 (0 = one (s, s) block; otherwise query rows "
+             "per block).")
         rs = self.rope_scaling
         need(rs.type in ("default", "yarn"), f"rope_scaling.type={rs.type!r} must be 'default' or 'yarn'.")
         if rs.is_yarn:

@@ -3,7 +3,9 @@
 Queries go through an optional low-rank bottleneck (q_lora_rank > 0) with RMSNorm; keys and
 values are decompressed from one kv_lora_rank latent (RMSNorm'd) and a single rope key that
 all heads share. The forward also returns the maximum pre-softmax logit of each head, which
-QK-Clip needs; it is one extra reduction over the logits already computed.
+QK-Clip needs; it is one extra reduction over the logits already computed. With
+`attention_chunk` > 0 the queries are processed in blocks that the backward recomputes, so the
+(b, h, s, s) logits are never all kept (see `attend_chunked`).
 
 Query column layout (per head h, width qk_head_dim): [q_nope (qk_nope_head_dim) | q_rope].
 kv_b column layout (per head h, width qk_nope+v): [k_nope | v]. QK-Clip relies on these.
@@ -71,11 +73,52 @@ class MLA(nnx.Module):
         q_rope = apply_rope(q_rope, cos, sin)
         k_rope = apply_rope(k_rope[:, :, None, :], cos, sin)  # (b, s, 1, dr): shared by all heads
 
-        logits = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
-                  + jnp.einsum("bqhd,bkd->bhqk", q_rope, k_rope[:, :, 0], preferred_element_type=jnp.float32))
-        logits = logits * self.scale
-        masked = jnp.where(mask, logits, NEG_INF)
-        max_logit = jax.lax.stop_gradient(jnp.max(masked, axis=(0, 2, 3)))
-        probs = jax.nn.softmax(masked, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, H * dv)
-        return self.o_proj(out), max_logit
+        chunk = cfg.attention_chunk
+        if 0 < chunk < s:
+            out, max_logit = attend_chunked(q_nope, q_rope, k_nope, k_rope, v, mask, self.scale, chunk)
+        else:
+            out, max_logit = attend(q_nope, q_rope, k_nope, k_rope, v, mask, self.scale)
+        return self.o_proj(out.reshape(b, s, H * dv)), jax.lax.stop_gradient(max_logit)
+
+
+def attend(q_nope: jnp.ndarray, q_rope: jnp.ndarray, k_nope: jnp.ndarray, k_rope: jnp.ndarray, v: jnp.ndarray,
+           mask: jnp.ndarray, scale: float) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Attention of a block of c query rows against all s keys.
+
+    q_nope/q_rope (b, c, h, .) (rope part already rotated); k_nope (b, s, h, dn); k_rope (b, s, 1, dr);
+    v (b, s, h, dv); mask (b, 1, c, s) -> (out (b, c, h, dv), max masked logit per head (h,)).
+    Logits are float32; probabilities are cast to v's (compute) dtype for the value product.
+    """
+    logits = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
+              + jnp.einsum("bqhd,bkd->bhqk", q_rope, k_rope[:, :, 0], preferred_element_type=jnp.float32))
+    masked = jnp.where(mask, logits * scale, NEG_INF)
+    max_logit = jnp.max(masked, axis=(0, 2, 3))
+    probs = jax.nn.softmax(masked, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v), max_logit
+
+
+def attend_chunked(q_nope: jnp.ndarray, q_rope: jnp.ndarray, k_nope: jnp.ndarray, k_rope: jnp.ndarray,
+                   v: jnp.ndarray, mask: jnp.ndarray, scale: float, chunk: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """`attend` over blocks of `chunk` query rows (same shapes in and out, with c = s).
+
+    Only one block's (b, h, chunk, s) logits are live at a time, and each block is rematerialised: the
+    backward recomputes its scores from the block's queries instead of keeping all (b, h, s, s) logits and
+    probabilities as residuals. Rows are independent, so outputs match `attend`; the max logit is the max
+    over blocks. A sequence that `chunk` does not divide (e.g. a decoding buffer) gets fully masked padding
+    query rows, dropped from the output.
+    """
+    b, s = q_nope.shape[:2]
+    pad = -s % chunk
+    if pad:
+        q_nope, q_rope = (jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))) for q in (q_nope, q_rope))
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)))  # False: padded rows see no key
+    n = (s + pad) // chunk
+
+    def blocks(a: jnp.ndarray, axis: int) -> jnp.ndarray:  # split `axis` into (n, chunk), blocks leading
+        return jnp.moveaxis(a.reshape(a.shape[:axis] + (n, chunk) + a.shape[axis + 1:]), axis, 0)
+
+    block = jax.checkpoint(lambda qn, qr, m, kn, kr, vv: attend(qn, qr, kn, kr, vv, m, scale),
+                           policy=jax.checkpoint_policies.nothing_saveable)
+    outs, maxes = jax.lax.map(lambda xs: block(*xs, k_nope, k_rope, v),
+                              (blocks(q_nope, 1), blocks(q_rope, 1), blocks(mask, 2)))
+    return jnp.moveaxis(outs, 0, 1).reshape((b, s + pad) + outs.shape[3:])[:, :s], jnp.max(maxes, axis=0)

@@ -6,7 +6,9 @@ the top-k experts inside them); the combine weights are the *unbiased* scores of
 experts, optionally renormalised, times routed_scaling_factor.
 
 Expert compute is dropless: the (token, expert) assignments are sorted by expert and run as
-one grouped GEMM (`jax.lax.ragged_dot`, or a blocked form on CPU: see grouped_gemm.py).
+one grouped GEMM (`jax.lax.ragged_dot`, or a blocked form on CPU: see grouped_gemm.py). Under expert
+parallelism, `ep_capacity_factor` > 0 instead bounds each rank pair's all-to-all buffer and drops what
+overflows it (k25/parallel/expert.py).
 `moe_looped_reference` is a plain per-token loop kept only for tests.
 """
 
@@ -100,7 +102,8 @@ class MoE(nnx.Module):
         e = self.experts
         w = (e.gate_proj[...], e.up_proj[...], e.down_proj[...])
         if ambient_ep() > 1:  # experts sharded over the `jax.set_mesh` mesh's `ep` axis: k25/parallel/expert.py
-            out, counts = expert_parallel_moe(xt, weights, idx, *w, cfg.grouped_gemm, cfg.moe_block_size)
+            out, counts, _ = expert_parallel_moe(xt, weights, idx, *w, cfg.grouped_gemm, cfg.moe_block_size,
+                                                 cfg.ep_capacity_factor)  # dropped count: not reported yet
         else:
             out = dispatch_compute_combine(xt, weights, idx, *w, cfg.grouped_gemm, cfg.moe_block_size)
             counts = expert_counts(idx, cfg.n_routed_experts)

@@ -16,12 +16,17 @@ expert inputs. Gradients need nothing extra: `all_to_all` transposes to the reve
 shard_map's transpose psums the expert-weight gradients over dp and pp (where they are replicated), and
 the router's gradient reaches it through the routing weights, an ordinary sharded input.
 
-Why a static worst-case buffer (C = t * min(k, E_loc) rows per rank pair) rather than
-`jax.lax.ragged_all_to_all`: XLA:CPU in jax 0.10.2 rejects ragged-all-to-all ("HLO opcode
-`ragged-all-to-all` is not supported by XLA:CPU ThunkEmitter"), and the tests run on CPU. The bound
-never overflows because a token's top-k experts are distinct, so it sends at most
-min(k, E_loc) rows to one rank; nothing is ever dropped. The cost is ep * min(k, E_loc) / k times the
-wire bytes and expert-GEMM rows of a ragged exchange (see `a2a_bytes_per_step`).
+Why a static buffer rather than `jax.lax.ragged_all_to_all`: XLA:CPU in jax 0.10.2 rejects
+ragged-all-to-all ("HLO opcode `ragged-all-to-all` is not supported by XLA:CPU ThunkEmitter"), and the
+tests run on CPU. By default the buffer is the worst case, C = t * min(k, E_loc) rows per rank pair: it
+never overflows because a token's top-k experts are distinct, so it sends at most min(k, E_loc) rows to
+one rank; nothing is ever dropped. The cost is ep * min(k, E_loc) / k times the wire bytes and expert-GEMM
+rows of a ragged exchange (16x for K2 at ep=16; see `a2a_bytes_per_step`). `K2Config.ep_capacity_factor`
+c > 0 bounds it instead to C = ceil(c * t * k / ep) rows (c times a pair's average, rounded up to a multiple
+of 8, at most the worst case). A pair's rows past C, the last ones in the (expert, stable) send order, are
+then dropped: not sent, not in the receiver's group sizes, zero in the combine. The load-balancing counts
+still count every routed assignment (the bias balances routing, not what survived); the number dropped is
+returned beside them.
 
 The path is chosen by the *ambient* mesh: trace the model under `with jax.set_mesh(mesh):`. In jax 0.10
 the legacy `with mesh:` (deprecated) does not set `jax.sharding.get_abstract_mesh()`, so it leaves the
@@ -53,33 +58,51 @@ def ambient_ep(mesh: Mesh | AbstractMesh | None = None) -> int:
     return int(mesh.shape[EP])
 
 
-def _capacity(tokens: int, k: int, experts_per_rank: int) -> int:
-    """Rows one rank can send to one other rank: each token's k experts are distinct."""
-    return tokens * min(k, experts_per_rank)
+def ep_capacity(tokens: int, k: int, experts_per_rank: int, ep: int, factor: float = 0.0) -> int:
+    """Rows of the send buffer per (sender, receiver) pair for `tokens` tokens on the sender.
+
+    The worst case t*min(k, E_loc) (each token's k experts are distinct) when factor is 0, else
+    ceil(factor*t*k/ep) rounded up to a multiple of 8 (sublane-aligned buffers), capped at the worst case.
+    """
+    worst = tokens * min(k, experts_per_rank)
+    if factor <= 0:
+        return worst
+    rows = math.ceil(factor * tokens * k / ep)
+    return min(-(-rows // 8) * 8, worst)
 
 
 def _ep_body(x: jnp.ndarray, weights: jnp.ndarray, idx: jnp.ndarray, valid: jnp.ndarray, w_gate: jnp.ndarray,
-             w_up: jnp.ndarray, w_down: jnp.ndarray, *, impl: str, block: int, batch_axes: tuple[str, ...]
-             ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """One rank: its t tokens x (t, D), routing (t, k), its E_loc experts -> (out (t, D), global counts (E,))."""
+             w_up: jnp.ndarray, w_down: jnp.ndarray, *, impl: str, block: int, capacity_factor: float,
+             batch_axes: tuple[str, ...]) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """One rank: its t tokens x (t, D), routing (t, k), its E_loc experts.
+
+    Returns (out (t, D), global per-expert counts (E,) of all routed assignments, global dropped count).
+    """
     t, k = idx.shape
     d = x.shape[-1]
     e_loc = w_gate.shape[0]
     ep = jax.lax.axis_size(EP)
-    cap = _capacity(t, k, e_loc)
+    n_exp = ep * e_loc
+    cap = ep_capacity(t, k, e_loc, ep, capacity_factor)
 
-    # 1-2. sort by expert (= by destination rank), exchange how many rows go to each (rank, local expert)
+    # 1-2. sort by expert (= by destination rank); padding tokens get key E and sort last, never sent
     flat = idx.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
+    real = jnp.repeat(valid, k)
+    key = jnp.where(real, flat, n_exp)
+    order = jnp.argsort(key, stable=True)
     token = order // k
-    dest = flat[order] // e_loc
-    send_counts = jnp.bincount(flat, length=ep * e_loc).astype(jnp.int32).reshape(ep, e_loc)
-    recv_counts = jax.lax.all_to_all(send_counts, EP, 0, 0)  # [i, e]: rows from rank i for my expert e
-    sent = send_counts.sum(1)
-    pos = jnp.arange(t * k) - (jnp.cumsum(sent) - sent)[dest]  # slot inside the chunk for `dest`
+    expert = key[order]
+    dest = jnp.minimum(expert // e_loc, ep - 1)
+    routed = jnp.bincount(key, length=n_exp).reshape(ep, e_loc).sum(1)  # excludes the padding key
+    pos = jnp.arange(t * k) - (jnp.cumsum(routed) - routed)[dest]  # slot inside the chunk for `dest`
+    keep = real[order] & (pos < cap)  # a pair's rows past its capacity are dropped
+    slot = jnp.where(keep, pos, cap)  # out of range: the scatter drops it, the gather fills 0
+    # exchange how many rows each (rank, local expert) gets, counting only the rows actually sent
+    send_counts = jnp.zeros((n_exp,), jnp.int32).at[expert].add(keep.astype(jnp.int32), mode="drop")
+    recv_counts = jax.lax.all_to_all(send_counts.reshape(ep, e_loc), EP, 0, 0)  # [i, e]: from rank i, expert e
 
     # 3. dispatch (scatter-add onto zeros: the slots are distinct, and add is linear for autodiff)
-    send = jnp.zeros((ep, cap, d), x.dtype).at[dest, pos].add(x[token])
+    send = jnp.zeros((ep, cap, d), x.dtype).at[dest, slot].add(x[token], mode="drop")
     recv = jax.lax.all_to_all(send, EP, 0, 0).reshape(ep * cap, d)
 
     # 4. chunk i holds rank i's rows sorted by expert, then padding: order all rows by local expert
@@ -92,21 +115,28 @@ def _ep_body(x: jnp.ndarray, weights: jnp.ndarray, idx: jnp.ndarray, valid: jnp.
 
     # 5. combine: back to the sending slots, weight, add onto the tokens
     back = jax.lax.all_to_all(y[inv].reshape(ep, cap, d), EP, 0, 0)
-    y_tok = back[dest, pos] * weights.reshape(-1)[order][:, None].astype(back.dtype)
+    y_back = back.at[dest, slot].get(mode="fill", fill_value=0)  # dropped rows: 0
+    y_tok = y_back * weights.reshape(-1)[order][:, None].astype(back.dtype)
     out = jnp.zeros_like(x).at[token].add(y_tok)
-    counts = jnp.zeros((ep * e_loc,), jnp.float32).at[flat].add(jnp.repeat(valid.astype(jnp.float32), k))
-    return out, jax.lax.psum(counts, batch_axes)
+    counts = jnp.zeros((n_exp,), jnp.float32).at[flat].add(real.astype(jnp.float32))
+    dropped = jnp.sum(real[order] & ~keep, dtype=jnp.int32)
+    return out, jax.lax.psum(counts, batch_axes), jax.lax.psum(dropped, batch_axes)
 
 
 def expert_parallel_moe(x: jnp.ndarray, weights: jnp.ndarray, idx: jnp.ndarray, w_gate: jnp.ndarray,
                         w_up: jnp.ndarray, w_down: jnp.ndarray, impl: str = "auto", block: int = 128,
-                        mesh: Mesh | AbstractMesh | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+                        capacity_factor: float = 0.0, mesh: Mesh | AbstractMesh | None = None
+                        ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Routed-expert output for x (T, D) with top-k (weights, idx) (T, k), experts sharded over `ep`.
 
-    Same result as `dispatch_compute_combine` plus the global per-expert assignment counts (E,).
+    Returns (out (T, D), global per-expert counts (E,) of every routed assignment, int32 number of
+    assignments dropped for capacity). With capacity_factor 0 nothing drops and `out` is the same as
+    `dispatch_compute_combine`'s; with c > 0 see `ep_capacity` and the module docstring.
     `mesh` defaults to the ambient one (`jax.set_mesh`). T need not divide by dp*ep: the tail is padded
-    with zero-weight tokens that are not counted.
+    with zero-weight tokens that are neither sent nor counted.
     """
+    if capacity_factor < 0:
+        raise ValueError(f"ep_capacity_factor={capacity_factor} must be >= 0 (0 = dropless worst-case buffer).")
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     ep = ambient_ep(mesh)
     n_exp = w_gate.shape[0]
@@ -118,27 +148,31 @@ def expert_parallel_moe(x: jnp.ndarray, weights: jnp.ndarray, idx: jnp.ndarray, 
     n, k = idx.shape
     valid = jnp.ones((n,), bool)
     pad = -n % shards
-    if pad:  # padding tokens pick k distinct experts (keeping the capacity bound) with weight 0
+    if pad:  # padding tokens: weight 0, marked invalid (the body neither sends nor counts them)
         x = jnp.concatenate([x, jnp.zeros((pad, x.shape[1]), x.dtype)])
         weights = jnp.concatenate([weights, jnp.zeros((pad, k), weights.dtype)])
         idx = jnp.concatenate([idx, jnp.broadcast_to(jnp.arange(k, dtype=idx.dtype), (pad, k))])
         valid = jnp.concatenate([valid, jnp.zeros((pad,), bool)])
     tok, exp = P(batch_axes), P(EP)
 
-    def body(*args: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-        return _ep_body(*args, impl=impl, block=block, batch_axes=batch_axes)
+    def body(*args: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+        return _ep_body(*args, impl=impl, block=block, capacity_factor=capacity_factor, batch_axes=batch_axes)
 
-    out, counts = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, tok, exp, exp, exp),
-                                out_specs=(tok, P()))(x, weights, idx, valid, w_gate, w_up, w_down)
-    return out[:n], counts
+    out, counts, dropped = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, tok, exp, exp, exp),
+                                         out_specs=(tok, P(), P()))(x, weights, idx, valid, w_gate, w_up, w_down)
+    return out[:n], counts, dropped
 
 
-def a2a_bytes_per_step(cfg: K2Config, tokens_per_step: int, ep: int, dtype_bytes: int) -> int:
+def a2a_bytes_per_step(cfg: K2Config, tokens_per_step: int, ep: int, dtype_bytes: int,
+                       capacity_factor: float | None = None, tokens_per_rank: int | None = None) -> int:
     """Bytes the expert all-to-alls put on the interconnect in one training step, summed over devices.
 
-    Per MoE layer and per all-to-all, each (dp, ep) rank with t = tokens/(dp*ep) tokens exchanges an
-    (ep, C, D) buffer, C = t*min(k, E/ep), of which the (ep-1)/ep not addressed to itself leaves the
-    device: tokens * (ep-1) * min(k, E/ep) * D * dtype_bytes in all, whatever dp is. A step runs four:
+    Per MoE layer and per all-to-all, each (dp, ep) rank holding t tokens in one MoE call exchanges an
+    (ep, C, D) buffer, of which the (ep-1)/ep not addressed to itself leaves the device. Dropless
+    (capacity_factor 0), C = t*min(k, E/ep): tokens * (ep-1) * min(k, E/ep) * D * dtype_bytes in all,
+    whatever dp is. With capacity_factor c > 0 (default: `cfg.ep_capacity_factor`), C = `ep_capacity`:
+    exact when `tokens_per_rank` (t, which depends on dp and the microbatching) is given, otherwise
+    C/t = min(c*k/ep, min(k, E/ep)) without the rounding of C to a multiple of 8. A step runs four:
     dispatch and combine forward, their transposes backward; `remat="full"` replays the forward two in
     the backward (six). `selective` keeps them, but its host-offload variant (`remat_offload` off CPU)
     saves only matmul outputs, so it replays them too. Assumes tokens divide by dp*ep (no padding) and
@@ -153,5 +187,13 @@ def a2a_bytes_per_step(cfg: K2Config, tokens_per_step: int, ep: int, dtype_bytes
     e_loc = cfg.n_routed_experts // ep
     replayed = cfg.remat == "full" or (cfg.remat == "selective" and cfg.remat_offload
                                         and jax.default_backend() != "cpu")
-    per_a2a = tokens_per_step * (ep - 1) * min(cfg.num_experts_per_tok, e_loc) * cfg.hidden_size * dtype_bytes
+    k = cfg.num_experts_per_tok
+    factor = cfg.ep_capacity_factor if capacity_factor is None else capacity_factor
+    row_bytes = (ep - 1) * cfg.hidden_size * dtype_bytes
+    if factor <= 0:
+        per_a2a = tokens_per_step * min(k, e_loc) * row_bytes
+    elif tokens_per_rank:
+        per_a2a = tokens_per_step // tokens_per_rank * ep_capacity(tokens_per_rank, k, e_loc, ep, factor) * row_bytes
+    else:
+        per_a2a = round(tokens_per_step * min(factor * k / ep, min(k, e_loc)) * row_bytes)
     return cfg.num_moe_layers * (6 if replayed else 4) * per_a2a

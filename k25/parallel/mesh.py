@@ -65,21 +65,51 @@ def logical_to_spec(axes: tuple[str | None, ...] | None, mesh: Mesh) -> P:
     return P(*out)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
-    """NamedShardings for an NNX State from each variable's `out_sharding` logical axes, as a pure dict.
+def _size(mesh: Mesh, part: Any) -> int:
+    return math.prod(mesh.shape[a] for a in (part if isinstance(part, tuple) else (part,))) if part else 1
 
-    A mesh axis that does not divide its dimension is dropped (that dimension is replicated): e.g. K2's
-    single dense layer, or 60 MoE layers, on pp=16 keep their `layers` axis whole.
+
+def storage_spec(shape: tuple[int, ...], logical: tuple[str | None, ...], mesh: Mesh) -> P:
+    """How a parameter of `shape` with logical axes `logical` is stored on `mesh`.
+
+    A mesh axis that does not divide its dimension cannot shard it (jax shards evenly). For `pp` on a stack's
+    `layers` axis (K2: 60 MoE layers or 1 dense layer on 16 stages) replicating would put every stage's copy
+    of the whole stack on every stage (253.7 GB of K2's experts per device instead of 15.9 GB), so `pp`
+    moves to the largest other free dimension that it divides (ZeRO-3 style over the stages): the stack is
+    stored 1/pp per device, the pipeline regroups its chunks onto their stages with one all-to-all
+    (`pp_storage_dim`, k25/parallel/pipeline.py) and layers run outside the pipeline gather one layer at a
+    time. Any other axis that does not divide is replicated.
     """
+    parts = list(logical_to_spec(tuple(logical), mesh)) + [None] * (len(shape) - len(logical))
+    moved = []
+    for d, part in enumerate(parts):
+        if part and shape[d] % _size(mesh, part):
+            parts[d] = None
+            if part == "pp":
+                moved.append(d)
+    if moved and "pp" in mesh.shape:
+        free = [d for d in range(len(shape)) if parts[d] is None and d not in moved
+                and shape[d] % mesh.shape["pp"] == 0]
+        if free:
+            parts[max(free, key=lambda d: (shape[d], d))] = "pp"
+    return P(*parts)
+
+
+def pp_storage_dim(spec: P, logical: tuple[str | None, ...]) -> int | None:
+    """The dimension `storage_spec` moved `pp` to, or None when the stack's `layers` axis carries it itself."""
+    layers = [d for d, a in enumerate(logical) if a is not None and LOGICAL_RULES.get(a) == "pp"]
+    if not layers or spec[layers[0]] == "pp":
+        return None
+    return next((d for d, part in enumerate(spec) if part == "pp"), None)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
+    """NamedShardings for an NNX State from each variable's `out_sharding` logical axes (`storage_spec`)."""
     specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
     shapes = nnx.to_pure_dict(state)
 
     def sharding(spec: P, value: Any) -> NamedSharding:
-        parts = []
-        for dim, part in zip(np.shape(value), logical_to_spec(tuple(spec), mesh)):
-            size = math.prod(mesh.shape[a] for a in (part if isinstance(part, tuple) else (part,))) if part else 1
-            parts.append(part if dim % size == 0 else None)
-        return NamedSharding(mesh, P(*parts))
+        return NamedSharding(mesh, storage_spec(np.shape(value), tuple(spec), mesh))
 
     return jax.tree.map(sharding, specs, shapes, is_leaf=lambda x: isinstance(x, P))
 

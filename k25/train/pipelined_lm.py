@@ -36,7 +36,7 @@ from k25.model.config import K2Config
 from k25.model.decoder import K2Model, project_logits, scan_layers, scan_state
 from k25.model.remat import remat_wrapper
 from k25.parallel import schedule as sched
-from k25.parallel.mesh import BATCH_AXES
+from k25.parallel.mesh import BATCH_AXES, pp_storage_dim, storage_spec
 from k25.parallel.pipeline import pipeline_loss
 
 TokenLoss = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
@@ -101,6 +101,19 @@ def microbatched(tree: Any, m: int) -> Any:
     return jax.tree.map(split, tree)
 
 
+def _pp_storage_dims(state: nnx.State) -> Any:
+    """Per leaf of a layer stack, the dimension its storage shards over `pp` when the layer axis cannot (-1:
+    the layer axis does), from the same rule that placed it (k25.parallel.mesh.storage_spec)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "pp" not in mesh.axis_names:
+        return jax.tree.map(lambda _: -1, state)
+    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    logical = jax.tree.leaves(nnx.get_partition_spec(state), is_leaf=is_spec)
+    leaves, treedef = jax.tree.flatten(state)
+    dims = [pp_storage_dim(storage_spec(a.shape, tuple(spec), mesh), tuple(spec)) for a, spec in zip(leaves, logical)]
+    return jax.tree.unflatten(treedef, [-1 if d is None else d for d in dims])
+
+
 def pipelined_decoder_loss(model: K2Model, batch: dict, settings: PipelineSettings, token_loss: TokenLoss,
                            *, with_activity: bool = False) -> tuple[jax.Array, dict]:
     """Like `lm_loss`: (summed token loss, {num_tokens, max_attn_logits, expert_counts}), through the pipeline.
@@ -124,6 +137,7 @@ def pipelined_decoder_loss(model: K2Model, batch: dict, settings: PipelineSettin
         h, (ml, c) = scan_state(graphdef, head_part, h, cos, sin, mask, remat=remat)
         max_logits.append(ml)
         counts.append(c)
+    dims = (_pp_storage_dims(params), _pp_storage_dims(buffers))
     params, buffers = jax.tree.map(lambda a: a[before:], (params, buffers))
 
     def stage_fn(p_chunk: Any, b_chunk: Any, x: jax.Array, side: tuple) -> tuple[jax.Array, dict]:
@@ -138,7 +152,8 @@ def pipelined_decoder_loss(model: K2Model, batch: dict, settings: PipelineSettin
         return loss, {"num_tokens": num_tokens}
 
     x, side, data = microbatched((h, (cos, sin, mask), {k: batch[k] for k in ("targets", "loss_mask")}), m)
-    loss, aux = pipeline_loss(settings.build(), stage_fn, head_fn, params, buffers, head_params, x, side, data)
+    loss, aux = pipeline_loss(settings.build(), stage_fn, head_fn, params, buffers, head_params, x, side, data,
+                              pp_dims=dims)
     out = {"num_tokens": aux["num_tokens"],
            "max_attn_logits": jnp.concatenate([*max_logits, aux["max_attn_logits"]], 0),
            "expert_counts": jnp.concatenate([*counts, aux["expert_counts"]], 0)}

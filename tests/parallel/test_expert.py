@@ -1,5 +1,9 @@
-"""Expert parallelism (k25/parallel/expert.py) equals the single-device MoE: outputs, gradients, counts."""
+"""Expert parallelism (k25/parallel/expert.py) equals the single-device MoE: outputs, gradients, counts.
 
+With a capacity factor it equals an independent reference that applies the drop rule per rank pair.
+"""
+
+import math
 import re
 
 import jax
@@ -12,7 +16,7 @@ from k25.model import moe
 from k25.model.config import tiny
 from k25.model.decoder import K2Model
 from k25.model.remat import remat_wrapper
-from k25.parallel.expert import a2a_bytes_per_step, ambient_ep
+from k25.parallel.expert import a2a_bytes_per_step, ambient_ep, expert_parallel_moe
 from k25.parallel.mesh import batch_sharding, make_mesh, state_shardings
 from k25.train.state import split_model
 
@@ -111,9 +115,9 @@ def test_k2_model_logits_and_counts_match(shape):
     np.testing.assert_array_equal(counts, counts0)
 
 
-@pytest.mark.parametrize("remat", ["none", "selective", "full"])
-def test_a2a_bytes_match_the_compiled_all_to_alls(remat):
-    cfg, layer = moe_layer(grouped_gemm="blocked", remat=remat)
+@pytest.mark.parametrize("remat, factor", [("none", 0.0), ("selective", 0.0), ("full", 0.0), ("none", 1.0)])
+def test_a2a_bytes_match_the_compiled_all_to_alls(remat, factor):
+    cfg, layer = moe_layer(grouped_gemm="blocked", remat=remat, ep_capacity_factor=factor)
     shape = (1, 2, 4)
     mesh, ep, n_dev = mesh_of(shape), shape[2], int(np.prod(shape))
     x = jnp.ones((8, 8, cfg.hidden_size), jnp.float32)
@@ -126,7 +130,12 @@ def test_a2a_bytes_match_the_compiled_all_to_alls(remat):
     off_device = float_bytes * n_dev * (ep - 1) // ep  # each device keeps its own chunk
     tokens = x.shape[0] * x.shape[1]
     assert off_device * cfg.num_moe_layers == a2a_bytes_per_step(cfg, tokens, ep, 4)
+    t = tokens // n_dev  # tokens per rank (pp = 1): capacity 8 rows per pair, 1/4 of the worst case 32
+    assert off_device * cfg.num_moe_layers == a2a_bytes_per_step(cfg, tokens, ep, 4, tokens_per_rank=t)
     assert a2a_bytes_per_step(cfg, tokens, 1, 4) == 0
+    if factor:
+        dropless = a2a_bytes_per_step(cfg, tokens, ep, 4, capacity_factor=0.0)
+        assert dropless == 4 * a2a_bytes_per_step(cfg, tokens, ep, 4)
 
 
 def test_experts_not_divisible_by_ep_is_an_error():
@@ -134,3 +143,91 @@ def test_experts_not_divisible_by_ep_is_an_error():
     x = jnp.ones((1, 8, cfg.hidden_size), jnp.float32)
     with jax.set_mesh(mesh_of((1, 1, 8))), pytest.raises(ValueError, match=r"n_routed_experts=12.*mesh\.ep=8"):
         layer(x)
+
+
+def test_ep_capacity_that_reaches_the_worst_case_matches_single_device():
+    """c = 8 >= ep gives every pair the dropless worst case: nothing drops, gradients included."""
+    cfg, layer = moe_layer(grouped_gemm="blocked")
+    _, capped = moe_layer(grouped_gemm="blocked", ep_capacity_factor=8.0)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(8, 8, cfg.hidden_size)), jnp.float32)
+    cot = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    fn, params = value_and_grad_fn(layer, cot)
+    (_, (out0, counts0)), grads0 = fn(params, x)
+    for shape in [(1, 2, 4), (1, 1, 8)]:
+        mesh = mesh_of(shape)
+        fn, _ = value_and_grad_fn(capped, cot)
+        with jax.set_mesh(mesh):
+            (_, (out, counts)), grads = fn(*on_mesh(capped, params, x, mesh))
+        np.testing.assert_allclose(out, out0, atol=1e-5, err_msg=str(shape))
+        np.testing.assert_array_equal(counts, counts0, err_msg=str(shape))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=str(shape)),
+                     grads, grads0)
+
+
+def kept_assignments(idx: np.ndarray, shards: int, ep: int, n_exp: int, factor: float) -> np.ndarray:
+    """(T, k) bool: which assignments survive a per-(sender, receiver) capacity, by the documented rule.
+
+    Tokens split into `shards` consecutive blocks of t = ceil(T/shards) (the last one padded); each block
+    sends its assignments in (expert, token, slot) order, and a destination rank takes the first C of them.
+    """
+    n, k = idx.shape
+    t, e_loc = -(-n // shards), n_exp // ep
+    cap = min(-(-math.ceil(factor * t * k / ep) // 8) * 8, t * min(k, e_loc))
+    keep = np.zeros(idx.shape, bool)
+    for s in range(shards):
+        rows = sorted((idx[i, j], i, j) for i in range(s * t, min((s + 1) * t, n)) for j in range(k))
+        taken = np.zeros(ep, int)
+        for e, i, j in rows:
+            keep[i, j] = taken[e // e_loc] < cap
+            taken[e // e_loc] += 1
+    return keep
+
+
+def masked_moe(x, weights, idx, keep, w_gate, w_up, w_down):
+    """Per-assignment SwiGLU with each expert's own weights, dropped assignments weighted 0."""
+    h = jnp.einsum("td,tkdf->tkf", x, w_gate[idx])
+    h = jax.nn.silu(h) * jnp.einsum("td,tkdf->tkf", x, w_up[idx])
+    y = jnp.einsum("tkf,tkfd->tkd", h, w_down[idx])
+    return jnp.einsum("tkd,tk->td", y, weights * keep)
+
+
+@pytest.mark.parametrize("shape, n", [((1, 2, 4), 64), ((1, 1, 8), 60)])
+def test_ep_capacity_drops_the_last_rows_of_each_rank_pair(shape, n):
+    cfg, layer = moe_layer(grouped_gemm="blocked")
+    n_exp, k, d = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
+    rng = np.random.default_rng(2)
+    p = np.exp(-np.arange(n_exp) / 3.0)  # skewed: the low experts (on the first ep ranks) are favoured
+    idx = np.stack([rng.choice(n_exp, k, replace=False, p=p / p.sum()) for _ in range(n)]).astype(np.int32)
+    weights = jnp.asarray(rng.uniform(0.1, 1.0, (n, k)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    cot = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    w = tuple(getattr(layer.experts, name)[...] for name in ("gate_proj", "up_proj", "down_proj"))
+    factor, ep = 1.0, shape[2]
+    keep = kept_assignments(idx, shape[1] * ep, ep, n_exp, factor)
+    assert 0 < (~keep).sum() < keep.size / 2
+
+    def loss(f):
+        def value(x, weights, *w):
+            out, *aux = f(x, weights, *w)
+            return jnp.sum(out * cot), (out, *aux)
+        return jax.jit(jax.value_and_grad(value, argnums=(0, 1, 2, 3, 4), has_aux=True))
+
+    (_, (out0,)), grads0 = loss(lambda x, wt, *w: (masked_moe(x, wt, idx, keep, *w),))(x, weights, *w)
+    with jax.set_mesh(mesh_of(shape)):
+        (_, (out, counts, dropped)), grads = loss(
+            lambda x, wt, *w: expert_parallel_moe(x, wt, jnp.asarray(idx), *w, "blocked", 8, factor))(x, weights, *w)
+    assert int(dropped) == (~keep).sum()
+    np.testing.assert_array_equal(counts, np.bincount(idx.reshape(-1), minlength=n_exp))  # all routed rows
+    np.testing.assert_allclose(out, out0, atol=1e-4, rtol=1e-4)
+    for name, a, b in zip(("x", "weights", "gate", "up", "down"), grads, grads0):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+def test_negative_ep_capacity_factor_is_an_error():
+    with pytest.raises(ValueError, match="ep_capacity_factor"):
+        tiny(ep_capacity_factor=-0.5)
+    x = jnp.ones((8, 4), jnp.float32)
+    with pytest.raises(ValueError, match="ep_capacity_factor"):
+        expert_parallel_moe(x, jnp.ones((8, 2)), jnp.zeros((8, 2), jnp.int32), *(jnp.ones((4, 4, 4)),) * 3,
+                            capacity_factor=-1.0, mesh=mesh_of((1, 1, 8)))
