@@ -80,27 +80,31 @@ def _aux_init(shapes: dict) -> dict:
     return {k: jnp.full(s.shape, -jnp.inf if k.startswith("max_") else 0, s.dtype) for k, s in shapes.items()}
 
 
-def _to_stages(tree: Any, p: int, v: int, pp_dims: Any = None) -> Any:
+def _to_stages(tree: Any, p: int, v: int, storage: Any = None) -> Any:
     """(L, ...) in layer order -> (p, v, L/(p*v), ...): chunk j = r*p + s goes to [s, r].
 
-    `pp_dims` (same structure, an int per leaf, -1 for none): leaves stored with `pp` on dimension d instead
-    of the layer axis (k25.parallel.mesh.storage_spec, when L does not divide into the stages) are regrouped
-    by one tiled `all_to_all` over `pp`: each stage sends every other stage that stage's chunks' slice of
-    d and receives its own chunks whole. The transpose (for the gradients) is the reverse all_to_all.
+    `storage` (same structure, a PartitionSpec or None per leaf): how each leaf is stored. A leaf stored with
+    `pp` on a dimension other than its layer axis (k25.parallel.mesh.storage_spec, when L does not divide
+    into the stages) is regrouped by one tiled `all_to_all` over `pp`, in a shard_map manual over every
+    axis so that its other shardings (experts on `ep`) stay put: each stage sends every other stage that
+    stage's chunks' slice and receives its own chunks whole. The transpose (gradients) is the reverse
+    all_to_all. Other leaves are reshaped and left to the partitioner.
     """
-    def regroup(a: jax.Array, d: int) -> jax.Array:
+    def regroup(a: jax.Array, spec: P | None) -> jax.Array:
         a = a.reshape(v, p, a.shape[0] // (p * v), *a.shape[1:])
-        if d < 0:
+        rest = tuple(spec)[1:] if spec is not None else ()
+        if spec is None or PP not in rest:
             return jnp.swapaxes(a, 0, 1)
-        k = d + 2  # d after the reshape
+        k = 3 + rest.index(PP)  # the pp-sharded dimension after the reshape
 
-        def body(x):  # (v, p, n, ..., D_d/p, ...) -> (1, v, n, ..., D_d, ...)
+        def body(x):  # (v, p, n, ..., D/p, ...) -> (1, v, n, ..., D, ...)
             return jnp.swapaxes(jax.lax.all_to_all(x, PP, 1, k, tiled=True), 0, 1)
 
-        return jax.shard_map(body, in_specs=P(*([None] * k), PP), out_specs=P(PP), axis_names={PP})(a)
+        out_rest = tuple(None if part == PP else part for part in rest)
+        return jax.shard_map(body, in_specs=P(None, None, None, *rest), out_specs=P(PP, None, None, *out_rest))(a)
 
-    dims = jax.tree.map(lambda _: -1, tree) if pp_dims is None else pp_dims
-    return jax.tree.map(regroup, tree, dims)
+    specs = jax.tree.map(lambda _: None, tree) if storage is None else storage
+    return jax.tree.map(regroup, tree, specs, is_leaf=lambda x: x is None)
 
 
 def _from_stages(tree: Any) -> Any:
@@ -325,7 +329,7 @@ def _outputs(s: Schedule, out: dict) -> tuple[jax.Array, dict, dict, jax.Array]:
 
 
 def pipeline_loss(s: Schedule, stage_fn: StageFn, head_fn: HeadFn, stage_params: Any, stage_buffers: Any,
-                  head_params: Any, x: jax.Array, side: Any, head_data: Any, pp_dims: tuple[Any, Any] | None = None
+                  head_params: Any, x: jax.Array, side: Any, head_data: Any, storage: tuple[Any, Any] | None = None
                   ) -> tuple[jax.Array, dict]:
     """Summed loss over microbatches and aux {stage stats in layer order, head stats, `pipeline/activity`}.
 
@@ -333,12 +337,12 @@ def pipeline_loss(s: Schedule, stage_fn: StageFn, head_fn: HeadFn, stage_params:
     x (m, mb, ...): the microbatched pipeline input; side / head_data: pytrees with a leading m axis, row i
     passed to stage_fn / head_fn for microbatch i. Differentiable w.r.t. stage_params, head_params and x.
     `pipeline/activity` (p, ticks) holds the op each stage ran at each tick (schedule.IDLE/FWD/...).
-    `pp_dims`: for (stage_params, stage_buffers), the dimension each leaf is stored sharded over `pp` on when
-    not its layer axis (-1 otherwise; see `_to_stages`); None: every leaf's layer axis.
+    `storage`: for (stage_params, stage_buffers), each leaf's stored PartitionSpec (see `_to_stages`); None
+    leaves it to the partitioner.
     """
     p, v = s.stages, s.virtual
-    dp_, db_ = pp_dims if pp_dims is not None and p > 1 else (None, None)
-    sp, sb = _to_stages(stage_params, p, v, dp_), _to_stages(stage_buffers, p, v, db_)
+    store_p, store_b = storage if storage is not None and p > 1 else (None, None)
+    sp, sb = _to_stages(stage_params, p, v, store_p), _to_stages(stage_buffers, p, v, store_b)
     if s.kind == "gpipe":
         out = _run(s, _GPipeTick, stage_fn, head_fn, sp, sb, head_params, x, side, head_data)
         loss, aux, head_aux, activity = _outputs(s, out)

@@ -1,21 +1,23 @@
 """The K2 decoder's training loss run through the pipeline (k25/parallel/pipeline.py), with config checks.
 
-The decoder is cut where its stacks allow: embedding, the `first_k_dense_replace` dense layers and the
-first `num_moe_layers mod (pp * virtual_stages)` MoE layers run before the pipeline (on the whole batch,
-replicated over pp); the remaining MoE layers are the pipeline's p*v chunks; the final norm, LM head and
-loss run on the last stage per microbatch. For K2 (1 dense + 60 MoE layers) on 16 stages, v=1, that is the
-dense layer and 12 MoE layers before and 48 in the pipeline; the leftover layers stay out of the stages so
-that no stage gets more layers than another. Every piece calls the decoder's own modules (`K2Model.inputs`,
-`scan_state` over slices of the stacked layers, `K2Model.head_modules`), so there is one implementation of
-the model math. The pieces before the pipeline are differentiated by the surrounding `jax.value_and_grad`
-(the pipeline is an ordinary differentiable function for gpipe, a `custom_vjp` carrying its own 1F1B
-gradients otherwise), so `k25.train.step` needs nothing pipeline-specific.
+The decoder is cut where its stacks allow: embedding, the `first_k_dense_replace` dense layers and the first
+`num_moe_layers mod (pp * virtual_stages)` MoE layers run before the pipeline (on every stage, one microbatch
+at a time and recomputed in the backward: `_run_prologue`); the remaining MoE layers are the pipeline's p*v
+chunks; the final norm, LM head and loss run on the last stage per microbatch. For K2 (1 dense + 60 MoE
+layers) on 16 stages, v=1, that is the dense layer and 12 MoE layers before and 48 in the pipeline; the
+leftover layers stay out of the stages so that no stage gets more layers than another. Every piece calls the
+decoder's own modules (`K2Model.inputs`, `scan_state` over slices of the stacked layers,
+`K2Model.head_modules`), so there is one implementation of the model math. The pieces before the pipeline are
+differentiated by the surrounding `jax.value_and_grad` (the pipeline is an ordinary differentiable function
+for gpipe, a `custom_vjp` carrying its own 1F1B gradients otherwise), so `k25.train.step` needs nothing
+pipeline-specific.
 
 The statistics the step needs come out exactly as in the unpipelined run: per-layer max attention logits
 (QK-Clip) are maxima over microbatches, expert counts (bias balancing) sums of integers.
 
-Note on layout: parameters keep the stored order (layer axis sharded over `pp` in contiguous blocks); the
-pipeline regroups them so chunk r*p + s sits on stage s. With virtual_stages=1 this is the stored layout;
+Note on layout: parameters keep the stored order (layer axis sharded over `pp` in contiguous blocks, or, for
+a stack whose layers do not divide into the stages, `pp` on another dimension: k25.parallel.mesh.storage_spec);
+the pipeline regroups them so chunk r*p + s sits on stage s. With virtual_stages=1 this is the stored layout;
 with v > 1 XLA moves (v-1)/v of the pipelined layers' weights between stages each step (and the gradients
 back), a cost a layout that stores layers in chunk order would avoid.
 """
@@ -23,6 +25,7 @@ back), a cost a layout that stores layers in chunk order would avoid.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -33,10 +36,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from k25.model.config import K2Config
-from k25.model.decoder import K2Model, project_logits, scan_layers, scan_state
+from k25.model.decoder import K2Model, project_logits, scan_state
 from k25.model.remat import remat_wrapper
 from k25.parallel import schedule as sched
-from k25.parallel.mesh import BATCH_AXES, pp_storage_dim, storage_spec
+from k25.parallel.mesh import BATCH_AXES, storage_spec
 from k25.parallel.pipeline import pipeline_loss
 
 TokenLoss = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
@@ -101,17 +104,40 @@ def microbatched(tree: Any, m: int) -> Any:
     return jax.tree.map(split, tree)
 
 
-def _pp_storage_dims(state: nnx.State) -> Any:
-    """Per leaf of a layer stack, the dimension its storage shards over `pp` when the layer axis cannot (-1:
-    the layer axis does), from the same rule that placed it (k25.parallel.mesh.storage_spec)."""
+def _storage_specs(state: nnx.State) -> Any:
+    """Each leaf's stored PartitionSpec on the ambient mesh (k25.parallel.mesh.storage_spec, the rule that
+    placed it), so the pipeline can regroup stacks stored with `pp` off their layer axis; None without a mesh."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or "pp" not in mesh.axis_names:
-        return jax.tree.map(lambda _: -1, state)
-    is_spec = lambda x: isinstance(x, P)  # noqa: E731
-    logical = jax.tree.leaves(nnx.get_partition_spec(state), is_leaf=is_spec)
     leaves, treedef = jax.tree.flatten(state)
-    dims = [pp_storage_dim(storage_spec(a.shape, tuple(spec), mesh), tuple(spec)) for a, spec in zip(leaves, logical)]
-    return jax.tree.unflatten(treedef, [-1 if d is None else d for d in dims])
+    if mesh.empty or "pp" not in mesh.axis_names:
+        return jax.tree.unflatten(treedef, [None] * len(leaves))
+    logical = jax.tree.leaves(nnx.get_partition_spec(state), is_leaf=lambda x: isinstance(x, P))
+    return jax.tree.unflatten(treedef, [storage_spec(a.shape, tuple(spec), mesh) for a, spec in zip(leaves, logical)])
+
+
+def _run_prologue(stacks: list, x: jax.Array, side: tuple) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+    """The dense layers and the leftover MoE layers, one pipeline microbatch at a time.
+
+    They run on every stage, before the pipeline. Taking the whole accumulation batch at once would keep
+    every layer's residuals for all m microbatches (and size the expert all-to-all buffers for m times
+    the tokens); instead `lax.map` goes over the microbatches, each one checkpointed whole (only its
+    input is kept) and recomputed layer by layer (`full` remat) in the backward. Returns (outputs (m, ...),
+    (max attention logits (layers, heads) over microbatches, expert counts (moe layers, E) summed or None)).
+    """
+    per_layer = remat_wrapper("full")
+
+    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+    def one(args: tuple) -> tuple[jax.Array, tuple]:
+        h, side_i = args
+        mls, cs = [], []
+        for graphdef, states, is_moe in stacks:
+            h, (ml, c) = scan_state(graphdef, states, h, *side_i, remat=per_layer)
+            mls.append(ml)
+            cs += [c] if is_moe else []
+        return h, (jnp.concatenate(mls, 0), jnp.concatenate(cs, 0) if cs else None)
+
+    y, (ml, c) = jax.lax.map(one, (x, side))
+    return y, (ml.max(0), None if c is None else c.sum(0))
 
 
 def pipelined_decoder_loss(model: K2Model, batch: dict, settings: PipelineSettings, token_loss: TokenLoss,
@@ -126,18 +152,21 @@ def pipelined_decoder_loss(model: K2Model, batch: dict, settings: PipelineSettin
     remat = remat_wrapper(cfg.remat, cfg.remat_offload)
     h, cos, sin, mask = model.inputs(batch["input_ids"], positions=batch["positions"],
                                      segment_ids=batch["segment_ids"])
-    max_logits, counts = [], []
-    if model.dense_layers is not None:
-        h, (ml, _) = scan_layers(model.dense_layers, h, cos, sin, mask, remat=remat)
-        max_logits.append(ml)
+    x, side, data = microbatched((h, (cos, sin, mask), {k: batch[k] for k in ("targets", "loss_mask")}), m)
     graphdef, params, buffers = nnx.split(model.moe_layers, nnx.Param, ...)
+    storage = (_storage_specs(params), _storage_specs(buffers))
     before = cfg.num_moe_layers % (p * v)
+    prologue = []  # (graphdef, states, is_moe): the layers that run before the pipeline
+    if model.dense_layers is not None:
+        dense_def, dense_state = nnx.split(model.dense_layers)
+        prologue.append((dense_def, (dense_state,), False))
     if before:
-        head_part = jax.tree.map(lambda a: a[:before], (params, buffers))
-        h, (ml, c) = scan_state(graphdef, head_part, h, cos, sin, mask, remat=remat)
+        prologue.append((graphdef, jax.tree.map(lambda a: a[:before], (params, buffers)), True))
+    max_logits, counts = [], []
+    if prologue:
+        x, (ml, c) = _run_prologue(prologue, x, side)
         max_logits.append(ml)
-        counts.append(c)
-    dims = (_pp_storage_dims(params), _pp_storage_dims(buffers))
+        counts += [c] if c is not None else []
     params, buffers = jax.tree.map(lambda a: a[before:], (params, buffers))
 
     def stage_fn(p_chunk: Any, b_chunk: Any, x: jax.Array, side: tuple) -> tuple[jax.Array, dict]:
@@ -151,9 +180,8 @@ def pipelined_decoder_loss(model: K2Model, batch: dict, settings: PipelineSettin
         loss, num_tokens = token_loss(project_logits(proj, norm(y)), data["targets"], data["loss_mask"])
         return loss, {"num_tokens": num_tokens}
 
-    x, side, data = microbatched((h, (cos, sin, mask), {k: batch[k] for k in ("targets", "loss_mask")}), m)
     loss, aux = pipeline_loss(settings.build(), stage_fn, head_fn, params, buffers, head_params, x, side, data,
-                              pp_dims=dims)
+                              storage=storage)
     out = {"num_tokens": aux["num_tokens"],
            "max_attn_logits": jnp.concatenate([*max_logits, aux["max_attn_logits"]], 0),
            "expert_counts": jnp.concatenate([*counts, aux["expert_counts"]], 0)}
