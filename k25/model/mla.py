@@ -13,6 +13,8 @@ kv_b column layout (per head h, width qk_nope+v): [k_nope | v]. QK-Clip relies o
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -101,24 +103,71 @@ def attend_chunked(q_nope: jnp.ndarray, q_rope: jnp.ndarray, k_nope: jnp.ndarray
                    v: jnp.ndarray, mask: jnp.ndarray, scale: float, chunk: int) -> tuple[jnp.ndarray, jnp.ndarray]:
     """`attend` over blocks of `chunk` query rows (same shapes in and out, with c = s).
 
-    Only one block's (b, h, chunk, s) logits are live at a time, and each block is rematerialised: the
-    backward recomputes its scores from the block's queries instead of keeping all (b, h, s, s) logits and
-    probabilities as residuals. Rows are independent, so outputs match `attend`; the max logit is the max
-    over blocks. A sequence that `chunk` does not divide (e.g. a decoding buffer) gets fully masked padding
-    query rows, dropped from the output.
+    Only one block's (b, h, chunk, s) logits are live at a time, and the hand-written backward keeps only
+    q, k, v and the mask, recomputing each block's probabilities (the flash-attention backward without the
+    online softmax: a block sees every key). A custom VJP rather than `jax.checkpoint`, because an enclosing
+    layer-remat policy that saves "anything except names" (`selective`) would otherwise save every block's
+    scores again (the K2 plan showed f32[48, 8, 64, 512, 4096] per stage). Rows are independent, so outputs
+    match `attend`; the max logit is the max over blocks and gets no gradient. A sequence that `chunk` does
+    not divide (e.g. a decoding buffer) gets fully masked padding query rows, dropped from the output.
     """
-    b, s = q_nope.shape[:2]
+    s = q_nope.shape[1]
     pad = -s % chunk
     if pad:
         q_nope, q_rope = (jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))) for q in (q_nope, q_rope))
         mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)))  # False: padded rows see no key
-    n = (s + pad) // chunk
+    out, max_logit = _chunked(q_nope, q_rope, k_nope, k_rope, v, mask, scale, chunk)
+    return out[:, :s], max_logit
 
-    def blocks(a: jnp.ndarray, axis: int) -> jnp.ndarray:  # split `axis` into (n, chunk), blocks leading
-        return jnp.moveaxis(a.reshape(a.shape[:axis] + (n, chunk) + a.shape[axis + 1:]), axis, 0)
 
-    block = jax.checkpoint(lambda qn, qr, m, kn, kr, vv: attend(qn, qr, kn, kr, vv, m, scale),
-                           policy=jax.checkpoint_policies.nothing_saveable)
-    outs, maxes = jax.lax.map(lambda xs: block(*xs, k_nope, k_rope, v),
-                              (blocks(q_nope, 1), blocks(q_rope, 1), blocks(mask, 2)))
-    return jnp.moveaxis(outs, 0, 1).reshape((b, s + pad) + outs.shape[3:])[:, :s], jnp.max(maxes, axis=0)
+def _blocks(a: jnp.ndarray, axis: int, chunk: int) -> jnp.ndarray:
+    """Split `axis` into (n, chunk) with the n blocks leading."""
+    n = a.shape[axis] // chunk
+    return jnp.moveaxis(a.reshape(a.shape[:axis] + (n, chunk) + a.shape[axis + 1:]), axis, 0)
+
+
+def _unblock(a: jnp.ndarray, axis: int) -> jnp.ndarray:
+    """Inverse of `_blocks`."""
+    a = jnp.moveaxis(a, 0, axis)
+    return a.reshape(a.shape[:axis] + (-1,) + a.shape[axis + 2:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _chunked(q_nope, q_rope, k_nope, k_rope, v, mask, scale, chunk):
+    return _chunked_fwd(q_nope, q_rope, k_nope, k_rope, v, mask, scale, chunk)[0]
+
+
+def _chunked_fwd(q_nope, q_rope, k_nope, k_rope, v, mask, scale, chunk):
+    outs, maxes = jax.lax.map(lambda xs: attend(xs[0], xs[1], k_nope, k_rope, v, xs[2], scale),
+                              (_blocks(q_nope, 1, chunk), _blocks(q_rope, 1, chunk), _blocks(mask, 2, chunk)))
+    return (_unblock(outs, 1), jnp.max(maxes, axis=0)), (q_nope, q_rope, k_nope, k_rope, v, mask)
+
+
+def _chunked_bwd(scale, chunk, res, cts):
+    q_nope, q_rope, k_nope, k_rope, v, mask = res
+    d_out = cts[0]  # the max logit's cotangent is dropped: QK-Clip statistics are not differentiated
+    f32 = jnp.float32
+
+    def block(acc, xs):
+        dk_nope, dk_rope, dv = acc
+        qn, qr, m, do = xs
+        logits = (jnp.einsum("bqhd,bkhd->bhqk", qn, k_nope, preferred_element_type=f32)
+                  + jnp.einsum("bqhd,bkd->bhqk", qr, k_rope[:, :, 0], preferred_element_type=f32))
+        p = jax.nn.softmax(jnp.where(m, logits * scale, NEG_INF), axis=-1)
+        dv = dv + jnp.einsum("bhqk,bqhd->bkhd", p.astype(v.dtype), do, preferred_element_type=f32)
+        dp = jnp.einsum("bqhd,bkhd->bhqk", do, v, preferred_element_type=f32)
+        ds = jnp.where(m, p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)), 0.0) * scale
+        dqn = jnp.einsum("bhqk,bkhd->bqhd", ds, k_nope.astype(f32))
+        dqr = jnp.einsum("bhqk,bkd->bqhd", ds, k_rope[:, :, 0].astype(f32))
+        dk_nope = dk_nope + jnp.einsum("bhqk,bqhd->bkhd", ds, qn.astype(f32))
+        dk_rope = dk_rope + jnp.einsum("bhqk,bqhd->bkd", ds, qr.astype(f32))[:, :, None]
+        return (dk_nope, dk_rope, dv), (dqn.astype(qn.dtype), dqr.astype(qr.dtype))
+
+    acc = tuple(jnp.zeros_like(a, f32) for a in (k_nope, k_rope, v))
+    xs = (_blocks(q_nope, 1, chunk), _blocks(q_rope, 1, chunk), _blocks(mask, 2, chunk), _blocks(d_out, 1, chunk))
+    (dk_nope, dk_rope, dv), (dqn, dqr) = jax.lax.scan(block, acc, xs)
+    return (_unblock(dqn, 1), _unblock(dqr, 1), dk_nope.astype(k_nope.dtype), dk_rope.astype(k_rope.dtype),
+            dv.astype(v.dtype), None)
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)

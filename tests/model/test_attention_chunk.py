@@ -103,13 +103,19 @@ def test_chunk_at_least_sequence_is_one_block():
         np.testing.assert_array_equal(np.asarray(nnx.merge(gd, state)(x, cos, sin, mask)[0]), np.asarray(ref))
 
 
-def test_chunked_backward_keeps_less_memory():
-    """b=1, 4 heads, s=512: one block of 64 rows live instead of the (4, 512, 512) logits and probabilities."""
+@pytest.mark.parametrize("remat", ["none", "selective"])
+def test_chunked_backward_keeps_less_memory(remat):
+    """b=1, 4 heads, s=512: one block of 64 rows live instead of the (4, 512, 512) logits and probabilities,
+    also inside a layer-remat policy that saves "anything except names" (which re-saved a checkpointed
+    block map's scores)."""
+    from k25.model.remat import remat_wrapper
+
     x, cos, sin, mask = packed_inputs(1, 512)
     temps = {}
+    wrap = remat_wrapper(remat) or (lambda f: f)
     for chunk in (0, 64):
         gd, state = split(chunk)
-        fn = jax.jit(jax.grad(loss_fn(gd), argnums=(0, 1), has_aux=True))
+        fn = jax.jit(jax.grad(wrap(loss_fn(gd)), argnums=(0, 1), has_aux=True))
         temps[chunk] = fn.lower(state, x, cos, sin, mask).compile().memory_analysis().temp_size_in_bytes
     print("temp bytes:", temps)
     assert temps[64] < 0.5 * temps[0], temps
