@@ -79,8 +79,9 @@ def _blocked_fwd(x_sorted, group_sizes, w_gate, w_up, w_down, block):
         i, xblk, ex = args
 
         def run(xblk):
-            h, u = jnp.dot(xblk, w_gate[ex]), jnp.dot(xblk, w_up[ex])
-            return jnp.dot(jax.nn.silu(h) * u, w_down[ex]), h, u
+            wg, wu, wd = (w[ex].astype(xblk.dtype) for w in (w_gate, w_up, w_down))
+            h, u = jnp.dot(xblk, wg), jnp.dot(xblk, wu)
+            return jnp.dot(jax.nn.silu(h) * u, wd), h, u
 
         def skip(xblk):
             f, dt = w_gate.shape[-1], xblk.dtype
@@ -106,10 +107,11 @@ def _blocked_bwd(block, res, dy):
             dg, du_, dd = grads
             sig = jax.nn.sigmoid(hb)
             act = hb * sig
-            da = jnp.dot(dyblk, w_down[ex].T)
+            wg, wu, wd = (w[ex].astype(xblk.dtype) for w in (w_gate, w_up, w_down))
+            da = jnp.dot(dyblk, wd.T)
             dh = da * ub * (sig * (1 + hb * (1 - sig)))
             du = da * act
-            dx = jnp.dot(dh, w_gate[ex].T) + jnp.dot(du, w_up[ex].T)
+            dx = jnp.dot(dh, wg.T) + jnp.dot(du, wu.T)
             f32 = jnp.float32
             add = lambda g, d: g.at[ex].add(d.astype(f32))  # noqa: E731
             grads = (add(dg, jnp.dot(xblk.T, dh, preferred_element_type=f32)),
@@ -136,7 +138,10 @@ def blocked_swiglu(x_sorted: jnp.ndarray, group_sizes: jnp.ndarray, w_gate: jnp.
     The VJP keeps exactly the block inputs and the two gate/up matmul outputs, and re-slices each block's
     expert weights from the stacks in the backward. Plain autodiff of the block map (under a `selective`
     remat policy) instead saved every block's weight slice: num_blocks copies of an expert's weights,
-    which in the K2 plan was f32[12, 65560, 7168, 2048] per device. Weight gradients accumulate in f32.
+    which in the K2 plan was f32[12, 65560, 7168, 2048] per device. Weight gradients accumulate in f32. The
+    weights enter in their storage dtype and each block's slice is cast to the rows' dtype, so the
+    residuals are the parameters themselves (which the 1F1B pipeline does not copy into its slots), not a
+    compute-dtype copy of every expert.
     """
     return _blocked(x_sorted, group_sizes, w_gate, w_up, w_down, block)
 
@@ -150,8 +155,7 @@ def resolve_impl(impl: str) -> str:
 def grouped_swiglu(x_sorted: jnp.ndarray, group_sizes: jnp.ndarray, w_gate: jnp.ndarray, w_up: jnp.ndarray,
                    w_down: jnp.ndarray, impl: str = "auto", block: int = 128) -> jnp.ndarray:
     """SwiGLU of rows sorted by expert (group_sizes[e] rows for expert e); weights (E, in, out)."""
-    dt = x_sorted.dtype
-    w_gate, w_up, w_down = (w.astype(dt) for w in (w_gate, w_up, w_down))
     if resolve_impl(impl) == "ragged_dot":
-        return ragged_swiglu(x_sorted, group_sizes, w_gate, w_up, w_down)
+        dt = x_sorted.dtype
+        return ragged_swiglu(x_sorted, group_sizes, *(w.astype(dt) for w in (w_gate, w_up, w_down)))
     return blocked_swiglu(x_sorted, group_sizes, w_gate, w_up, w_down, block)

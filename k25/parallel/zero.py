@@ -5,7 +5,8 @@ dimension: ("dp", "ep") for non-expert leaves (EP ranks are data parallel outsid
 alone for expert leaves, whose expert axis already lies on "ep". XLA then reduces gradients into the
 owning shard and all-gathers the update when it is added to the (replicated) parameters.
 
-Muon leaves are sharded on their *batch* axes first (stacked layers, experts): every rank then
+Muon leaves are sharded on their *batch* axes first (stacked layers, experts), with fewer data axes if
+that is what divides (K2's 60 layers take dp=2, not dp*ep=32): every rank then
 orthogonalises whole matrices that it owns, so Newton–Schulz never sees a sharded matrix dimension
 and needs no gather (the Distributed-Muon layout, with the gather needed only in the fallback where
 no batch axis divides). AdamW leaves take the first dimension that divides.
@@ -56,16 +57,19 @@ def zero1_spec(shape: tuple[int, ...], base: P | None, mesh: Mesh, *, muon: bool
     free = [a for a in candidates if a not in _used_axes(spec) and mesh.shape[a] > 1]
     if not free or not shape:
         return P(*spec)
-    batch_dims = list(range(max(len(shape) - 2, 0)))
-    order = (batch_dims + [d for d in range(len(shape)) if d not in batch_dims]) if muon else list(range(len(shape)))
     # try all free data axes together, then each alone (largest first)
     options = [tuple(free)] + sorted(([a] for a in free), key=lambda a: -mesh.shape[a[0]])
-    for axes in options:
-        n = math.prod(mesh.shape[a] for a in axes)
-        for d in order:
-            if spec[d] is None and shape[d] % n == 0 and shape[d] >= n:
-                spec[d] = axes[0] if len(axes) == 1 else tuple(axes)
-                return P(*spec)
+    fits = lambda d, axes: spec[d] is None and shape[d] % math.prod(mesh.shape[a] for a in axes) == 0  # noqa: E731
+    if muon:  # any batch dimension (even with fewer axes) before a matrix dimension
+        batch_dims = list(range(max(len(shape) - 2, 0)))
+        candidates = [(d, axes) for d in batch_dims for axes in options]
+        candidates += [(d, axes) for axes in options for d in range(len(shape)) if d not in batch_dims]
+    else:
+        candidates = [(d, axes) for axes in options for d in range(len(shape))]
+    for d, axes in candidates:
+        if fits(d, axes):
+            spec[d] = axes[0] if len(axes) == 1 else tuple(axes)
+            return P(*spec)
     return P(*spec)
 
 

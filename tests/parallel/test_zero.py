@@ -62,3 +62,15 @@ def test_muon_update_on_sharded_expert_stack_moves_no_data():
     hlo = jax.jit(lambda g, s: tx.update(g, s)).lower({"w": leaf}, state).compile().as_text()
     for op in ("all-gather", "all-to-all", "all-reduce", "collective-permute"):
         assert op not in hlo, op
+
+
+def test_muon_state_takes_a_smaller_batch_split_before_a_matrix_dimension():
+    """K2's 60-layer attention stack on dp2 x ep16: dp on the layers beats dp x ep on a matrix dimension,
+    which would make Newton-Schulz work on a sharded matrix (replicated 7168 x 7168 Gram matrices)."""
+    from jax.sharding import AbstractMesh
+
+    mesh = AbstractMesh((16, 2, 16), ("pp", "dp", "ep"))
+    assert zero1_spec((60, 8192, 7168), P(None, "pp", None), mesh, muon=True, expert=False) == \
+        P("dp", "pp", None)
+    # AdamW leaves take the largest split that divides any free dimension first
+    assert zero1_spec((64, 8192), P(None, "pp"), mesh, muon=False, expert=False) == P(("dp", "ep"), "pp")
