@@ -248,6 +248,8 @@ def plan(config: ml_collections.ConfigDict, workdir: str | None = None, compile:
             out["temp_bytes_per_device"] = int(mem.temp_size_in_bytes)
             out["argument_bytes_per_device"] = int(mem.argument_size_in_bytes)
             out["output_bytes_per_device"] = int(mem.output_size_in_bytes)
+            # the state is donated, so outputs reuse the arguments' buffers: arguments + temporaries is the peak
+            out["peak_bytes_per_device"] = out["argument_bytes_per_device"] + out["temp_bytes_per_device"]
     if workdir:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "plan.json"), "w") as f:

@@ -1,5 +1,6 @@
 """--dry_run: the full K2 run is built and one step lowered without allocating a single weight."""
 
+import json
 import os
 import subprocess
 import sys
@@ -22,8 +23,10 @@ def test_k2_full_plan_lowers_without_weights(tmp_path):
 
 def test_dry_run_command_prints_plan(tmp_path):
     cmd = [sys.executable, "-m", "experiments.run", "--config=experiments/tiny_lm.py:smoke", f"--workdir={tmp_path}",
-           "--dry_run", "--config.mesh.devices=1"]
+           "--dry_run", "--compile", "--config.mesh.devices=1"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert '"total_params"' in r.stdout and not os.path.exists(tmp_path / "checkpoints")
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["peak_bytes_per_device"] == plan["argument_bytes_per_device"] + plan["temp_bytes_per_device"] > 0
