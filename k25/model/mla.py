@@ -89,14 +89,19 @@ def attend(q_nope: jnp.ndarray, q_rope: jnp.ndarray, k_nope: jnp.ndarray, k_rope
 
     q_nope/q_rope (b, c, h, .) (rope part already rotated); k_nope (b, s, h, dn); k_rope (b, s, 1, dr);
     v (b, s, h, dv); mask (b, 1, c, s) -> (out (b, c, h, dv), max masked logit per head (h,)).
-    Logits are float32; probabilities are cast to v's (compute) dtype for the value product.
+    Logits are float32; probabilities are cast to v's (compute) dtype for the value product. The shared
+    rope key is broadcast over the heads and joined to k_nope, and the heads move in front of the
+    sequence, so both products are plain (b, h)-batched matmuls: XLA:CPU ran the (b, s, h, d)-layout
+    einsums' backward at a few GFLOP/s.
     """
-    logits = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
-              + jnp.einsum("bqhd,bkd->bhqk", q_rope, k_rope[:, :, 0], preferred_element_type=jnp.float32))
+    heads_first = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731  (b, s, h, d) -> (b, h, s, d)
+    q = heads_first(jnp.concatenate([q_nope, q_rope], axis=-1))
+    k = heads_first(jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (*k_nope.shape[:3], k_rope.shape[-1]))], -1))
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     masked = jnp.where(mask, logits * scale, NEG_INF)
     max_logit = jnp.max(masked, axis=(0, 2, 3))
     probs = jax.nn.softmax(masked, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v), max_logit
+    return heads_first(jnp.einsum("bhqk,bhkd->bhqd", probs, heads_first(v))), max_logit
 
 
 def attend_chunked(q_nope: jnp.ndarray, q_rope: jnp.ndarray, k_nope: jnp.ndarray, k_rope: jnp.ndarray,
