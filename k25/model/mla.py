@@ -3,9 +3,9 @@
 Queries go through an optional low-rank bottleneck (q_lora_rank > 0) with RMSNorm; keys and
 values are decompressed from one kv_lora_rank latent (RMSNorm'd) and a single rope key that
 all heads share. The forward also returns the maximum pre-softmax logit of each head, which
-QK-Clip needs; it is one extra reduction over the logits already computed. With
-`attention_chunk` > 0 the queries are processed in blocks that the backward recomputes, so the
-(b, h, s, s) logits are never all kept (see `attend_chunked`).
+QK-Clip needs; it is one extra reduction over the logits already computed. With `attention_chunk` > 0
+the queries are processed in blocks whose probabilities the backward recomputes (`_blocked_attention`),
+so the (b, h, s, s) logits are never all live.
 
 Query column layout (per head h, width qk_head_dim): [q_nope (qk_nope_head_dim) | q_rope].
 kv_b column layout (per head h, width qk_nope+v): [k_nope | v]. QK-Clip relies on these.
@@ -75,54 +75,51 @@ class MLA(nnx.Module):
         q_rope = apply_rope(q_rope, cos, sin)
         k_rope = apply_rope(k_rope[:, :, None, :], cos, sin)  # (b, s, 1, dr): shared by all heads
 
-        chunk = cfg.attention_chunk
-        if 0 < chunk < s:
-            out, max_logit = attend_chunked(q_nope, q_rope, k_nope, k_rope, v, mask, self.scale, chunk)
-        else:
-            out, max_logit = attend(q_nope, q_rope, k_nope, k_rope, v, mask, self.scale)
+        out, max_logit = attention(q_nope, q_rope, k_nope, k_rope, v, mask, self.scale, cfg.attention_chunk)
         return self.o_proj(out.reshape(b, s, H * dv)), jax.lax.stop_gradient(max_logit)
 
 
-def attend(q_nope: jnp.ndarray, q_rope: jnp.ndarray, k_nope: jnp.ndarray, k_rope: jnp.ndarray, v: jnp.ndarray,
-           mask: jnp.ndarray, scale: float) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Attention of a block of c query rows against all s keys.
-
-    q_nope/q_rope (b, c, h, .) (rope part already rotated); k_nope (b, s, h, dn); k_rope (b, s, 1, dr);
-    v (b, s, h, dv); mask (b, 1, c, s) -> (out (b, c, h, dv), max masked logit per head (h,)).
-    Logits are float32; probabilities are cast to v's (compute) dtype for the value product. The shared
-    rope key is broadcast over the heads and joined to k_nope, and the heads move in front of the
-    sequence, so both products are plain (b, h)-batched matmuls: XLA:CPU ran the (b, s, h, d)-layout
-    einsums' backward at a few GFLOP/s.
-    """
-    heads_first = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731  (b, s, h, d) -> (b, h, s, d)
-    q = heads_first(jnp.concatenate([q_nope, q_rope], axis=-1))
-    k = heads_first(jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (*k_nope.shape[:3], k_rope.shape[-1]))], -1))
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-    masked = jnp.where(mask, logits * scale, NEG_INF)
-    max_logit = jnp.max(masked, axis=(0, 2, 3))
-    probs = jax.nn.softmax(masked, axis=-1).astype(v.dtype)
-    return heads_first(jnp.einsum("bhqk,bhkd->bhqd", probs, heads_first(v))), max_logit
+def _heads_first(a: jnp.ndarray) -> jnp.ndarray:
+    """(b, s, h, d) <-> (b, h, s, d)."""
+    return jnp.swapaxes(a, 1, 2)
 
 
-def attend_chunked(q_nope: jnp.ndarray, q_rope: jnp.ndarray, k_nope: jnp.ndarray, k_rope: jnp.ndarray,
-                   v: jnp.ndarray, mask: jnp.ndarray, scale: float, chunk: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """`attend` over blocks of `chunk` query rows (same shapes in and out, with c = s).
+def attention(q_nope: jnp.ndarray, q_rope: jnp.ndarray, k_nope: jnp.ndarray, k_rope: jnp.ndarray, v: jnp.ndarray,
+              mask: jnp.ndarray, scale: float, chunk: int = 0) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Masked softmax attention, over blocks of `chunk` query rows (0 or >= s: one block).
 
-    Only one block's (b, h, chunk, s) logits are live at a time, and the hand-written backward keeps only
-    q, k, v and the mask, recomputing each block's probabilities (the flash-attention backward without the
-    online softmax: a block sees every key). A custom VJP rather than `jax.checkpoint`, because an enclosing
-    layer-remat policy that saves "anything except names" (`selective`) would otherwise save every block's
-    scores again (the K2 plan showed f32[48, 8, 64, 512, 4096] per stage). Rows are independent, so outputs
-    match `attend`; the max logit is the max over blocks and gets no gradient. A sequence that `chunk` does
-    not divide (e.g. a decoding buffer) gets fully masked padding query rows, dropped from the output.
+    q_nope/q_rope (b, s, h, .) (rope part already rotated); k_nope (b, s, h, dn); k_rope (b, s, 1, dr), the
+    rope key all heads share; v (b, s, h, dv); mask (b, 1, s, s) -> (out (b, s, h, dv), max masked logit per
+    head (h,); the caller stops its gradient). The rope key is broadcast over the heads and joined to k_nope, and
+    the heads move in front of the sequence, so every product is a plain (b, h)-batched matmul (XLA:CPU ran
+    (b, s, h, d)-layout einsums, and autodiff's transposed ones, at a few GFLOP/s). A sequence that `chunk`
+    does not divide (e.g. a decoding buffer) gets fully masked padding query rows, dropped from the output.
     """
     s = q_nope.shape[1]
+    chunk = s if chunk <= 0 or chunk >= s else chunk
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (*k_nope.shape[:3], k_rope.shape[-1]))], axis=-1)
+    q = jnp.concatenate([q_nope, q_rope], axis=-1)
     pad = -s % chunk
     if pad:
-        q_nope, q_rope = (jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))) for q in (q_nope, q_rope))
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
         mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)))  # False: padded rows see no key
-    out, max_logit = _chunked(q_nope, q_rope, k_nope, k_rope, v, mask, scale, chunk)
-    return out[:, :s], max_logit
+    q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)
+    if chunk == s:  # one block: plain autodiff keeps its probabilities, which is the fastest on a small s
+        out, max_logit, _ = _attend(q, k, v, mask, scale)
+    else:
+        out, max_logit = _blocked_attention(q, k, v, mask, scale, chunk)
+    return _heads_first(out)[:, :s], max_logit
+
+
+def _attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray, scale: float
+            ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """One block: q (b, h, c, d), k (b, h, s, d), v (b, h, s, dv), mask (b, 1, c, s) ->
+    (out (b, h, c, dv), max masked logit per head (h,), float32 probabilities (b, h, c, s))."""
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    masked = jnp.where(mask, logits * scale, NEG_INF)
+    probs = jax.nn.softmax(masked, axis=-1)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+    return out, jnp.max(masked, axis=(0, 2, 3)), probs
 
 
 def _blocks(a: jnp.ndarray, axis: int, chunk: int) -> jnp.ndarray:
@@ -137,42 +134,49 @@ def _unblock(a: jnp.ndarray, axis: int) -> jnp.ndarray:
     return a.reshape(a.shape[:axis] + (-1,) + a.shape[axis + 2:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _chunked(q_nope, q_rope, k_nope, k_rope, v, mask, scale, chunk):
-    return _chunked_fwd(q_nope, q_rope, k_nope, k_rope, v, mask, scale, chunk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blocked_attention(q, k, v, mask, scale, chunk):
+    """Heads-first attention over query blocks with a hand-written backward.
+
+    The backward keeps only q, k, v and the mask and recomputes each block's probabilities (the
+    flash-attention backward without the online softmax: a block sees every key), so at most one block's
+    (b, h, chunk, s) scores are live. A custom VJP rather than `jax.checkpoint`, because an enclosing
+    layer-remat policy that saves "anything except names" (`selective`) re-saved a checkpointed block
+    map's scores (the K2 plan showed f32[48, 8, 64, 512, 4096] per stage); and its products are written in
+    the two matmul forms XLA:CPU runs fast, with explicit transposes where autodiff would contract a
+    non-minor axis.
+    """
+    return _blocked_attention_fwd(q, k, v, mask, scale, chunk)[0]
 
 
-def _chunked_fwd(q_nope, q_rope, k_nope, k_rope, v, mask, scale, chunk):
-    outs, maxes = jax.lax.map(lambda xs: attend(xs[0], xs[1], k_nope, k_rope, v, xs[2], scale),
-                              (_blocks(q_nope, 1, chunk), _blocks(q_rope, 1, chunk), _blocks(mask, 2, chunk)))
-    return (_unblock(outs, 1), jnp.max(maxes, axis=0)), (q_nope, q_rope, k_nope, k_rope, v, mask)
+def _blocked_attention_fwd(q, k, v, mask, scale, chunk):
+    outs, maxes = jax.lax.map(lambda xs: _attend(xs[0], k, v, xs[1], scale)[:2],
+                              (_blocks(q, 2, chunk), _blocks(mask, 2, chunk)))
+    return (_unblock(outs, 2), jnp.max(maxes, axis=0)), (q, k, v, mask)
 
 
-def _chunked_bwd(scale, chunk, res, cts):
-    q_nope, q_rope, k_nope, k_rope, v, mask = res
+def _blocked_attention_bwd(scale, chunk, res, cts):
+    q, k, v, mask = res
     d_out = cts[0]  # the max logit's cotangent is dropped: QK-Clip statistics are not differentiated
     f32 = jnp.float32
+    k32 = k.astype(f32)
+    transpose = lambda a: jnp.swapaxes(a, -1, -2)  # noqa: E731
 
     def block(acc, xs):
-        dk_nope, dk_rope, dv = acc
-        qn, qr, m, do = xs
-        logits = (jnp.einsum("bqhd,bkhd->bhqk", qn, k_nope, preferred_element_type=f32)
-                  + jnp.einsum("bqhd,bkd->bhqk", qr, k_rope[:, :, 0], preferred_element_type=f32))
-        p = jax.nn.softmax(jnp.where(m, logits * scale, NEG_INF), axis=-1)
-        dv = dv + jnp.einsum("bhqk,bqhd->bkhd", p.astype(v.dtype), do, preferred_element_type=f32)
-        dp = jnp.einsum("bqhd,bkhd->bhqk", do, v, preferred_element_type=f32)
+        dk, dv = acc
+        qb, m, do = xs
+        p = _attend(qb, k, v, m, scale)[2]
+        dv = dv + jnp.einsum("bhkq,bhqd->bhkd", transpose(p.astype(v.dtype)), do, preferred_element_type=f32)
+        dp = jnp.einsum("bhqd,bhkd->bhqk", do, v, preferred_element_type=f32)
         ds = jnp.where(m, p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)), 0.0) * scale
-        dqn = jnp.einsum("bhqk,bkhd->bqhd", ds, k_nope.astype(f32))
-        dqr = jnp.einsum("bhqk,bkd->bqhd", ds, k_rope[:, :, 0].astype(f32))
-        dk_nope = dk_nope + jnp.einsum("bhqk,bqhd->bkhd", ds, qn.astype(f32))
-        dk_rope = dk_rope + jnp.einsum("bhqk,bqhd->bkd", ds, qr.astype(f32))[:, :, None]
-        return (dk_nope, dk_rope, dv), (dqn.astype(qn.dtype), dqr.astype(qr.dtype))
+        dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k32)
+        dk = dk + jnp.einsum("bhkq,bhqd->bhkd", transpose(ds), qb.astype(f32))
+        return (dk, dv), dq.astype(q.dtype)
 
-    acc = tuple(jnp.zeros_like(a, f32) for a in (k_nope, k_rope, v))
-    xs = (_blocks(q_nope, 1, chunk), _blocks(q_rope, 1, chunk), _blocks(mask, 2, chunk), _blocks(d_out, 1, chunk))
-    (dk_nope, dk_rope, dv), (dqn, dqr) = jax.lax.scan(block, acc, xs)
-    return (_unblock(dqn, 1), _unblock(dqr, 1), dk_nope.astype(k_nope.dtype), dk_rope.astype(k_rope.dtype),
-            dv.astype(v.dtype), None)
+    acc = (jnp.zeros_like(k, f32), jnp.zeros_like(v, f32))
+    xs = (_blocks(q, 2, chunk), _blocks(mask, 2, chunk), _blocks(d_out, 2, chunk))
+    (dk, dv), dq = jax.lax.scan(block, acc, xs)
+    return _unblock(dq, 2), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+_blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
