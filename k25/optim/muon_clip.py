@@ -126,15 +126,23 @@ def _muon_dim_numbers(updates: Any) -> Any:
 
 # -------------------------------------------------------------------------------------------- transforms
 def _newton_schulz(x: jnp.ndarray, coeffs: jnp.ndarray, steps: int, eps: float) -> jnp.ndarray:
-    """optax's quintic Newton-Schulz with Frobenius preconditioning, on one 2-D matrix."""
-    transposed = x.shape[0] > x.shape[1]
-    x = x.T if transposed else x
+    """optax's quintic Newton-Schulz with Frobenius preconditioning, on one 2-D matrix.
+
+    optax transposes a tall matrix, iterates on the wide one and transposes back; the same iteration on
+    the tall matrix with its Gram matrix on the other side, X <- aX + X(bA + cA^2) with A = X^T X, is that
+    exactly (f(X^T)^T = f(X)) without materialising two transposes of every matrix.
+    """
     x = x / (jnp.linalg.norm(x) + eps)
     c = coeffs.astype(x.dtype)
+    tall = x.shape[0] > x.shape[1]
     for _ in range(steps):
-        a = x @ x.T
-        x = c[0] * x + (c[1] * a + c[2] * a @ a) @ x
-    return x.T if transposed else x
+        if tall:
+            a = jnp.einsum("ij,ik->jk", x, x)
+            x = c[0] * x + x @ (c[1] * a + c[2] * a @ a)
+        else:
+            a = jnp.einsum("ij,kj->ik", x, x)
+            x = c[0] * x + (c[1] * a + c[2] * a @ a) @ x
+    return x
 
 
 def scale_by_batched_muon(ns_steps: int = 5, beta: float = 0.95, eps: float = 1e-8, nesterov: bool = True
