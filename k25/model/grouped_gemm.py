@@ -61,7 +61,8 @@ def _sum_over_extra_axes(grad: jnp.ndarray, param: jnp.ndarray) -> jnp.ndarray:
 
 
 def _to_blocks(rows: jnp.ndarray, dest: jnp.ndarray, num_blocks: int, block: int) -> jnp.ndarray:
-    return jnp.zeros((num_blocks * block, rows.shape[1]), rows.dtype).at[dest].set(rows).reshape(num_blocks, block, -1)
+    buf = jnp.zeros((num_blocks * block, rows.shape[1]), rows.dtype)
+    return buf.at[dest].set(rows, mode="promise_in_bounds").reshape(num_blocks, block, -1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -90,7 +91,7 @@ def _blocked_fwd(x_sorted, group_sizes, w_gate, w_up, w_down, block):
         return jax.lax.cond(i < used, run, skip, xblk)  # trailing all-padding blocks do no work
 
     y, h, u = jax.lax.map(one_block, (jnp.arange(num_blocks), xb, block_expert))
-    out = y.reshape(num_blocks * block, -1)[dest]
+    out = y.reshape(num_blocks * block, -1).at[dest].get(mode="promise_in_bounds")
     return out, (xb, h, u, dest, block_expert, used, w_gate, w_up, w_down, group_sizes)
 
 
@@ -122,7 +123,7 @@ def _blocked_bwd(block, res, dy):
         return jax.lax.cond(i < used, run, lambda g: (g, _zeros(xblk.shape, xblk.dtype, xblk, dyblk, w_gate)), grads)
 
     (dg, du, dd), dxb = jax.lax.scan(one_block, acc, (jnp.arange(num_blocks), xb, h, u, dyb, block_expert))
-    dx = dxb.reshape(num_blocks * block, -1)[dest]
+    dx = dxb.reshape(num_blocks * block, -1).at[dest].get(mode="promise_in_bounds")
     zero_sizes = np.zeros(group_sizes.shape, jax.dtypes.float0)
     dw = (_sum_over_extra_axes(g.astype(w.dtype), w) for g, w in ((dg, w_gate), (du, w_up), (dd, w_down)))
     return dx, zero_sizes, *dw
