@@ -12,8 +12,12 @@ emulated devices:
 
 Layout choices the seeds leave open (see BUILD_NOTES.md): virtual_stages=3 puts one MoE layer in each of
 the 48 pipeline chunks (60 = 3*16 + 12; the dense layer and 12 MoE layers run before the pipeline on every
-stage); 16 microbatches (interleaving needs a multiple of pp) and 32 accumulation steps, so each of the 32
-data ranks holds one 4096-token sequence per microbatch; selective recomputation as in the report.
+stage, a microbatch at a time); 16 microbatches (interleaving needs a multiple of pp) and 32 accumulation
+steps, so each of the 32 data ranks holds one 4096-token sequence per microbatch; selective recomputation
+as in the report; query-chunked attention and an expert-exchange capacity of 2x the average, which a
+static-shape plan needs. The 60-layer stacks are stored with pp on their hidden dimension
+(k25.parallel.mesh.storage_spec), so parameters and ZeRO-1 state take 37 GB per device; BUILD_NOTES.md has
+the compiled figures and what still exceeds 80 GB.
 """
 
 from __future__ import annotations
