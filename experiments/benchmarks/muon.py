@@ -68,6 +68,8 @@ def moe_25m(hidden: int = 512, layers: int = 4, heads: int = 8, experts: int = 1
 
     intermediate 3*hidden (dense layer), expert width hidden/2, q rank hidden/2, kv rank hidden/4,
     head dims 64 (nope) + 32 (rope) / 64 (v), one shared expert, group-limited routing (4 groups, top 2).
+    The layer scans are unrolled (`unroll_layers`): at 4 layers that is what one would run, and it spares
+    the CPU step the scan's stacked-residual copies.
     """
     groups = 4 if experts % 4 == 0 and experts // 4 >= 2 and 2 * (experts // 4) >= topk else 1
     return tiny(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden,
@@ -75,7 +77,7 @@ def moe_25m(hidden: int = 512, layers: int = 4, heads: int = 8, experts: int = 1
                 num_attention_heads=heads, q_lora_rank=max(hidden // 2, 8), kv_lora_rank=max(hidden // 4, 8),
                 qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=experts,
                 num_experts_per_tok=topk, n_group=groups, topk_group=min(2, groups), dtype="float32",
-                param_dtype="float32")
+                param_dtype="float32", unroll_layers=True)
 
 
 def train_config(model: K2Config, batch: int, seq_len: int, optim: str = "muon_clip") -> ml_collections.ConfigDict:

@@ -115,7 +115,8 @@ def _storage_specs(state: nnx.State) -> Any:
     return jax.tree.unflatten(treedef, [storage_spec(a.shape, tuple(spec), mesh) for a, spec in zip(leaves, logical)])
 
 
-def _run_prologue(stacks: list, x: jax.Array, side: tuple) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+def _run_prologue(stacks: list, x: jax.Array, side: tuple, unroll: bool = False
+                  ) -> tuple[jax.Array, tuple[jax.Array, Any]]:
     """The dense layers and the leftover MoE layers, one pipeline microbatch at a time.
 
     They run on every stage, before the pipeline. Taking the whole accumulation batch at once would keep
@@ -131,7 +132,7 @@ def _run_prologue(stacks: list, x: jax.Array, side: tuple) -> tuple[jax.Array, t
         h, side_i = args
         mls, cs = [], []
         for graphdef, states, is_moe in stacks:
-            h, (ml, c) = scan_state(graphdef, states, h, *side_i, remat=per_layer)
+            h, (ml, c) = scan_state(graphdef, states, h, *side_i, remat=per_layer, unroll=unroll)
             mls.append(ml)
             cs += [c] if is_moe else []
         return h, (jnp.concatenate(mls, 0), jnp.concatenate(cs, 0) if cs else None)
@@ -164,13 +165,13 @@ def pipelined_decoder_loss(model: K2Model, batch: dict, settings: PipelineSettin
         prologue.append((graphdef, jax.tree.map(lambda a: a[:before], (params, buffers)), True))
     max_logits, counts = [], []
     if prologue:
-        x, (ml, c) = _run_prologue(prologue, x, side)
+        x, (ml, c) = _run_prologue(prologue, x, side, cfg.unroll_layers)
         max_logits.append(ml)
         counts += [c] if c is not None else []
     params, buffers = jax.tree.map(lambda a: a[before:], (params, buffers))
 
     def stage_fn(p_chunk: Any, b_chunk: Any, x: jax.Array, side: tuple) -> tuple[jax.Array, dict]:
-        y, (ml, c) = scan_state(graphdef, (p_chunk, b_chunk), x, *side, remat=remat)
+        y, (ml, c) = scan_state(graphdef, (p_chunk, b_chunk), x, *side, remat=remat, unroll=cfg.unroll_layers)
         return y, {"max_attn_logits": ml, "expert_counts": c}
 
     head_def, head_params, head_rest = nnx.split(model.head_modules(), nnx.Param, ...)
