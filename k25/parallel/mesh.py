@@ -77,8 +77,8 @@ def storage_spec(shape: tuple[int, ...], logical: tuple[str | None, ...], mesh: 
     of the whole stack on every stage (253.7 GB of K2's experts per device instead of 15.9 GB), so `pp`
     moves to the largest other free dimension that it divides (ZeRO-3 style over the stages): the stack is
     stored 1/pp per device, the pipeline regroups its chunks onto their stages with one all-to-all
-    (`pp_storage_dim`, k25/parallel/pipeline.py) and layers run outside the pipeline gather one layer at a
-    time. Any other axis that does not divide is replicated.
+    (`_to_stages` in k25/parallel/pipeline.py, given these specs) and layers run outside the pipeline gather
+    one layer at a time. Any other axis that does not divide is replicated.
     """
     parts = list(logical_to_spec(tuple(logical), mesh)) + [None] * (len(shape) - len(logical))
     moved = []
@@ -93,14 +93,6 @@ def storage_spec(shape: tuple[int, ...], logical: tuple[str | None, ...], mesh: 
         if free:
             parts[max(free, key=lambda d: (shape[d], d))] = "pp"
     return P(*parts)
-
-
-def pp_storage_dim(spec: P, logical: tuple[str | None, ...]) -> int | None:
-    """The dimension `storage_spec` moved `pp` to, or None when the stack's `layers` axis carries it itself."""
-    layers = [d for d, a in enumerate(logical) if a is not None and LOGICAL_RULES.get(a) == "pp"]
-    if not layers or spec[layers[0]] == "pp":
-        return None
-    return next((d for d, part in enumerate(spec) if part == "pp"), None)
 
 
 def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
