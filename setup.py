@@ -35,9 +35,24 @@ setup(
         "tiktoken",  # k25.data.tokenizer: fast path for tiktoken BPE files (pulls in `regex`)
         "pillow",  # k25.data.vision: drawing the procedural images, rendered text (Pillow's bundled font)
         "scikit-learn",  # k25.data.vision: the bundled 8x8 digits data set
+        # post-training: the server, model clients, rewards, the swarm's tasks, evaluation, plots
+        "fastapi>=0.115",  # experiments.serve: the OpenAI-compatible server
+        "uvicorn>=0.30",
+        "httpx>=0.27",
+        "openai>=1.40",  # k25.infer.client: any OpenAI-compatible endpoint (and the server tests)
+        "scipy>=1.11",  # Hungarian matching in the grounding rewards; scipy.ndimage in the Python tool
+        "shapely>=2.0",  # polygon IoU reward
+        "rapidfuzz>=3.0",  # OCR edit-distance reward
+        "math-verify>=0.7",  # math answer equivalence reward
+        "sympy",
+        "bm25s>=0.2",  # the swarm's offline search tool
+        "inspect-ai>=0.3.200",  # evaluation and safety harness
+        "matplotlib>=3.8",  # experiment plots
     ],
     extras_require={
         "hf": HF,
-        "test": HF + ["pytest>=8", "pytest-xdist", "ruff"],
+        "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        "test": HF + ["pytest>=8", "pytest-xdist", "pytest-timeout", "ruff", "nbclient>=0.10", "nbformat>=5.10",
+                      "ipykernel>=6.29"],
     },
 )
