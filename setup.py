@@ -47,8 +47,11 @@ setup(
         "sympy",
         "bm25s>=0.2",  # the swarm's offline search tool
         "inspect-ai>=0.3.200",  # evaluation and safety harness
+        "inspect-evals>=0.26",  # k25.eval.safety: strong_reject / xstest / agentharm / cyberseceval / bbq when online
         "matplotlib>=3.8",  # experiment plots
     ],
+    entry_points={"inspect_ai": ["k25 = k25.eval._registry"]},  # `--model k25/PATH` (inspect's extension API)
+    package_data={"k25.eval.safety": ["data/*.jsonl"]},
     extras_require={
         "hf": HF,
         "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],

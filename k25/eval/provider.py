@@ -1,0 +1,150 @@
+"""The `k25` model API for inspect_ai: `inspect eval TASK --model k25/<run dir or HF dir>`.
+
+Inspect talks to every model through a `ModelAPI`; this one talks to a `k25.infer.client.ChatClient`, the
+project's one model interface, so a checkpoint served in-process by the sampler, any OpenAI-compatible endpoint
+and a scripted policy in tests all go through the same conversion. Inspect's own OpenAI converters do the
+message mapping in both directions (`messages_to_openai`, `model_output_from_openai`), so a task sees exactly
+the `ChatMessage`s, tool calls and reasoning blocks it would see from `--model openai/NAME`.
+
+Model args (`-M key=value`):
+- `client`: a ready ChatClient (tests, or a caller that already holds a sampler); otherwise the model name is a
+  checkpoint path and `k25.infer.client.SamplerClient` loads it;
+- `prompt_format`: "chat" (the Kimi chat format) or "raw" (bos + the user text, no template: what the
+  pre-training stage's held-out evals decode from); "auto" picks "raw" for a run whose stage never saw the
+  chat format and "chat" otherwise;
+- anything else goes to the SamplerClient constructor (e.g. `max_slots`, `max_len`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from inspect_ai.model import (
+    ChatMessage,
+    GenerateConfig,
+    ModelAPI,
+    ModelOutput,
+    messages_to_openai,
+    model_output_from_openai,
+)
+from inspect_ai.tool import ToolChoice, ToolFunction, ToolInfo
+
+from k25.infer.client import ChatClient, ChatResult
+
+PROMPT_FORMATS = ("auto", "chat", "raw")
+# stages that train on plain packed text; their checkpoints have never seen the chat template
+RAW_STAGES = ("lm", "k25")
+
+
+def openai_tools(tools: list[ToolInfo]) -> list[dict]:
+    """Inspect tool declarations as OpenAI `tools` entries (what the chat format's tool_declare renders)."""
+    return [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                              "parameters": t.parameters.model_dump(exclude_none=True)}}
+            for t in tools]
+
+
+def select_tools(tools: list[ToolInfo], tool_choice: ToolChoice | None) -> list[ToolInfo]:
+    """ChatClient has no tool_choice: "none" hides the tools, a named choice offers only that tool."""
+    if tool_choice == "none":
+        return []
+    if isinstance(tool_choice, ToolFunction):
+        return [t for t in tools if t.name == tool_choice.name]
+    return list(tools)
+
+
+def completion_dict(result: ChatResult, model: str) -> dict[str, Any]:
+    """A ChatResult as an OpenAI ChatCompletion payload (for inspect's own converter)."""
+    msg = dict(result.message)
+    message: dict[str, Any] = {"role": "assistant", "content": msg.get("content") or ""}
+    if msg.get("reasoning_content"):
+        message["reasoning_content"] = msg["reasoning_content"]
+    if msg.get("tool_calls"):
+        message["tool_calls"] = [{"id": c["id"], "type": "function",
+                                  "function": {"name": c["function"]["name"],
+                                               "arguments": c["function"]["arguments"]}}
+                                 for c in msg["tool_calls"]]
+    finish = result.finish_reason if result.finish_reason in ("stop", "length", "tool_calls") else "stop"
+    out: dict[str, Any] = {"id": f"k25-{uuid.uuid4().hex[:12]}", "object": "chat.completion",
+                           "created": int(time.time()), "model": model,
+                           "choices": [{"index": 0, "message": message, "finish_reason": finish}]}
+    if result.prompt_ids is not None and result.token_ids is not None:
+        n_in, n_out = len(result.prompt_ids), len(result.token_ids)
+        out["usage"] = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+    return out
+
+
+def raw_prompt(messages: list[dict]) -> str:
+    """The text a base (non-chat) checkpoint continues: the user turns' text, joined; nothing else allowed."""
+    parts = []
+    for m in messages:
+        if m["role"] not in ("user", "system"):
+            raise ValueError(f"prompt_format='raw' serves single-turn text prompts; got a {m['role']!r} message. "
+                             "Use -M prompt_format=chat for multi-turn or tool-using tasks.")
+        content = m["content"]
+        if not isinstance(content, str):
+            if any(p.get("type") != "text" for p in content):
+                raise ValueError("prompt_format='raw' takes text only; use -M prompt_format=chat for images.")
+            content = "".join(p["text"] for p in content)
+        parts.append(content)
+    return "".join(parts)
+
+
+class K25ModelAPI(ModelAPI):
+    """inspect_ai ModelAPI over a ChatClient (the sampler for `k25/PATH`)."""
+
+    def __init__(self, model_name: str, base_url: str | None = None, api_key: str | None = None,
+                 config: GenerateConfig = GenerateConfig(), client: ChatClient | None = None,
+                 prompt_format: str = "auto", **model_args: Any) -> None:
+        super().__init__(model_name, base_url, api_key, [], config)
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"k25 model arg prompt_format={prompt_format!r}; choose one of {PROMPT_FORMATS}.")
+        if client is None:
+            client = self._load(model_name, **model_args)
+        elif model_args:
+            raise ValueError(f"k25 model args {sorted(model_args)} only apply when loading a checkpoint, "
+                             "not with a ready `client`.")
+        if not isinstance(client, ChatClient):
+            raise TypeError(f"k25 model arg client={client!r} does not implement k25.infer.client.ChatClient.")
+        self.client = client
+        if prompt_format == "auto":
+            stage = getattr(client, "stage", None)
+            prompt_format = "raw" if stage in RAW_STAGES else "chat"
+        if prompt_format == "raw" and not callable(getattr(client, "complete", None)):
+            raise ValueError(f"prompt_format='raw' needs a client with `complete(prompt, ...)` (the sampler); "
+                             f"{type(client).__name__} only chats.")
+        self.prompt_format = prompt_format
+
+    @staticmethod
+    def _load(path: str, **kwargs: Any) -> ChatClient:
+        try:
+            from k25.infer.client import SamplerClient  # type: ignore[attr-defined]
+        except ImportError as e:
+            raise RuntimeError("k25/PATH needs k25.infer.client.SamplerClient (the in-process sampler); pass "
+                               "-M client=... or serve the checkpoint and use --model openai/NAME.") from e
+        return SamplerClient.from_checkpoint(path, **kwargs)
+
+    def max_connections(self) -> int:
+        # the sampler batches concurrent requests itself; let inspect keep its slots busy
+        return int(getattr(self.client, "max_slots", 32))
+
+    async def generate(self, input: list[ChatMessage], tools: list[ToolInfo], tool_choice: ToolChoice,
+                       config: GenerateConfig) -> ModelOutput:
+        messages = [dict(m) for m in await messages_to_openai(input)]
+        kwargs: dict[str, Any] = dict(
+            temperature=1.0 if config.temperature is None else config.temperature,
+            top_p=1.0 if config.top_p is None else config.top_p,
+            max_tokens=config.max_tokens or 512, seed=config.seed, stop=config.stop_seqs)
+        if self.prompt_format == "raw":
+            result = await self.client.complete(raw_prompt(messages), **kwargs)  # type: ignore[attr-defined]
+        else:
+            offered = select_tools(tools, tool_choice)
+            if config.reasoning_effort == "none":
+                kwargs["chat_template_kwargs"] = {"thinking": False}
+            result = await self.client.chat(messages, tools=openai_tools(offered) or None, **kwargs)
+        output = await model_output_from_openai(completion_dict(result, self.model_name))
+        output.metadata = {"prompt_ids": result.prompt_ids, "token_ids": result.token_ids,
+                           "logprobs": result.logprobs} if result.token_ids is not None else None
+        return output
+
