@@ -1,0 +1,1 @@
+"""Reinforcement learning: the K2.5 policy loss, rewards, Toggle."""
