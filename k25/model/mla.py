@@ -60,23 +60,39 @@ class MLA(nnx.Module):
             return tag(self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))), MLA_UP)
         return self.q_proj(x)
 
+    def queries(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """x (b, s, d) -> (q_nope (b, s, h, dn), q_rope (b, s, h, dr) rotated)."""
+        cfg = self.cfg
+        b, s, _ = x.shape
+        dn = cfg.qk_nope_head_dim
+        q = self.query(x).reshape(b, s, cfg.num_attention_heads, cfg.qk_head_dim)
+        return q[..., :dn], apply_rope(q[..., dn:], cos, sin)
+
+    def latent(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """What one token contributes to every head's keys and values, and all the sampler caches
+        (k25/infer): (RMSNorm'd kv latent (b, s, kv_lora_rank), rotated shared rope key (b, s, dr))."""
+        ckv = self.kv_a_proj_with_mqa(x)
+        kv_latent, k_rope = ckv[..., : self.cfg.kv_lora_rank], ckv[..., self.cfg.kv_lora_rank:]
+        return self.kv_a_layernorm(kv_latent), apply_rope(k_rope[:, :, None, :], cos, sin)[:, :, 0]
+
+    def expand(self, latent: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """Normed latent (b, s, c) -> (k_nope (b, s, h, dn), v (b, s, h, dv)) through kv_b_proj."""
+        cfg = self.cfg
+        b, s, _ = latent.shape
+        kv = tag(self.kv_b_proj(latent), MLA_UP).reshape(b, s, cfg.num_attention_heads,
+                                                         cfg.qk_nope_head_dim + cfg.v_head_dim)
+        return kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
+
     def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray
                  ) -> tuple[jnp.ndarray, jnp.ndarray]:
         """x (b, s, d); cos/sin (b, s, rope/2); mask (b, 1, s, s) -> (out (b, s, d), max_logit (heads,))."""
-        cfg = self.cfg
         b, s, _ = x.shape
-        H, dn, dr, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        q = self.query(x).reshape(b, s, H, dn + dr)
-        q_nope, q_rope = q[..., :dn], q[..., dn:]
-        ckv = self.kv_a_proj_with_mqa(x)
-        kv_latent, k_rope = ckv[..., : cfg.kv_lora_rank], ckv[..., cfg.kv_lora_rank:]
-        kv = tag(self.kv_b_proj(self.kv_a_layernorm(kv_latent)), MLA_UP).reshape(b, s, H, dn + dv)
-        k_nope, v = kv[..., :dn], kv[..., dn:]
-        q_rope = apply_rope(q_rope, cos, sin)
-        k_rope = apply_rope(k_rope[:, :, None, :], cos, sin)  # (b, s, 1, dr): shared by all heads
-
-        out, max_logit = attention(q_nope, q_rope, k_nope, k_rope, v, mask, self.scale, cfg.attention_chunk)
-        return self.o_proj(out.reshape(b, s, H * dv)), jax.lax.stop_gradient(max_logit)
+        q_nope, q_rope = self.queries(x, cos, sin)
+        latent, k_rope = self.latent(x, cos, sin)
+        k_nope, v = self.expand(latent)
+        out, max_logit = attention(q_nope, q_rope, k_nope, k_rope[:, :, None, :], v, mask, self.scale,
+                                   self.cfg.attention_chunk)
+        return self.o_proj(out.reshape(b, s, -1)), jax.lax.stop_gradient(max_logit)
 
 
 def _heads_first(a: jnp.ndarray) -> jnp.ndarray:
