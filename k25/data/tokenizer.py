@@ -26,6 +26,25 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|reserved_1|>",
 )
 
+# The Kimi chat format's special tokens (k25.data.chat) that SPECIAL_TOKENS lacks. `ByteTokenizer(chat=True)`
+# appends them after SPECIAL_TOKENS, so every id the existing configs use keeps its value.
+CHAT_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|im_end|>",
+    "<|im_user|>",
+    "<|im_assistant|>",
+    "<|im_system|>",
+    "<|im_middle|>",
+    "<|tool_calls_section_begin|>",
+    "<|tool_calls_section_end|>",
+    "<|tool_call_begin|>",
+    "<|tool_call_argument_begin|>",
+    "<|tool_call_end|>",
+    "<|media_begin|>",
+    "<|media_content|>",
+    "<think>",
+    "</think>",
+)
+
 # tiktoken's cl100k split pattern; Kimi's own pattern can be passed to TiktokenTokenizer instead.
 CL100K_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -54,14 +73,18 @@ class Tokenizer(Protocol):
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as ids 0..255 plus ``SPECIAL_TOKENS`` at 256.. (vocab 264); lossless on any text."""
+    """UTF-8 bytes as ids 0..255 plus ``SPECIAL_TOKENS`` at 256.. (vocab 264); lossless on any text.
 
-    def __init__(self) -> None:
-        self.special_ids: dict[str, int] = {t: 256 + i for i, t in enumerate(SPECIAL_TOKENS)}
+    ``chat=True`` appends ``CHAT_SPECIAL_TOKENS`` (vocab 278) for the Kimi chat format.
+    """
+
+    def __init__(self, *, chat: bool = False) -> None:
+        names = SPECIAL_TOKENS + (CHAT_SPECIAL_TOKENS if chat else ())
+        self.special_ids: dict[str, int] = {t: 256 + i for i, t in enumerate(names)}
 
     @property
     def vocab_size(self) -> int:
-        return 256 + len(SPECIAL_TOKENS)
+        return 256 + len(self.special_ids)
 
     @property
     def pad_id(self) -> int:
