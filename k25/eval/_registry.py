@@ -11,3 +11,16 @@ def k25() -> type[ModelAPI]:
     from k25.eval.provider import K25ModelAPI
 
     return K25ModelAPI
+
+
+# the suite's tasks, so that `inspect eval k25/over_refusal` finds them by name
+from k25.eval.safety.tasks import (  # noqa: E402,F401
+    agentic_alignment,
+    cbrne_uplift,
+    censorship_bias,
+    cyber_offence,
+    harmful_compliance,
+    over_refusal,
+    social_bias,
+    sycophancy_delusion,
+)

@@ -95,9 +95,9 @@ class K25ModelAPI(ModelAPI):
     """inspect_ai ModelAPI over a ChatClient (the sampler for `k25/PATH`)."""
 
     def __init__(self, model_name: str, base_url: str | None = None, api_key: str | None = None,
-                 config: GenerateConfig = GenerateConfig(), client: ChatClient | None = None,
+                 config: GenerateConfig | None = None, client: ChatClient | None = None,
                  prompt_format: str = "auto", **model_args: Any) -> None:
-        super().__init__(model_name, base_url, api_key, [], config)
+        super().__init__(model_name, base_url, api_key, [], config or GenerateConfig())
         if prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"k25 model arg prompt_format={prompt_format!r}; choose one of {PROMPT_FORMATS}.")
         if client is None:
