@@ -1,0 +1,125 @@
+"""One agent's loop: model turn, concurrent tool calls, step limit, context management.
+
+The orchestrator, every subagent and the single-agent baseline are this loop around a `ChatClient`; they
+differ only in their tools and limits. A step is one model turn. The tool calls of a turn run concurrently
+(`asyncio.gather`) and each comes back as its own `tool` message with the call's `tool_call_id`, in call
+order, right after the assistant turn: the OpenAI/Kimi chat-format convention, so together they are the
+turn's one observation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from k25.infer.client import ChatClient, Message
+from k25.swarm.config import SwarmConfig
+from k25.tools.base import Tool, ToolResult, Toolset
+
+TurnHook = Callable[[int, list[dict]], None]
+
+
+def estimate_tokens(messages: Sequence[Message]) -> int:
+    """Context size estimate for context management when no tokenizer is given: ~4 characters per token
+    plus a few tokens of role markup per message."""
+    chars = 0
+    for m in messages:
+        content = m.get("content")
+        chars += len(content if isinstance(content, str) else json.dumps(content or "", ensure_ascii=False))
+        chars += len(m.get("reasoning_content") or "")
+        if m.get("tool_calls"):
+            chars += len(json.dumps(m["tool_calls"], ensure_ascii=False))
+    return chars // 4 + 4 * len(messages)
+
+
+def tool_message(call_id: str, name: str, result: ToolResult) -> Message:
+    """The `tool` message answering one call. An error is shown to the model as `Error: ...`."""
+    text = result.text or ""
+    if result.error:
+        text = f"Error: {result.error}" + (f"\n{text}" if text else "")
+    if result.images:
+        text += f"\n[{len(result.images)} image(s) returned]"
+    return {"role": "tool", "tool_call_id": call_id, "name": name, "content": text}
+
+
+def _clean_assistant(message: Any) -> Message:
+    """The assistant turn as it goes back into the history; raises ValueError on something that is not one."""
+    if not isinstance(message, dict):
+        raise ValueError(f"the model returned {type(message).__name__}, not an assistant message")
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        raise ValueError(f"assistant content must be text, got {type(content).__name__}")
+    calls = message.get("tool_calls") or []
+    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+        raise ValueError("assistant tool_calls must be a list of {id, type, function{name, arguments}}")
+    out: Message = {"role": "assistant", "content": content}
+    if message.get("reasoning_content"):
+        out["reasoning_content"] = message["reasoning_content"]
+    if calls:
+        out["tool_calls"] = calls
+    return out
+
+
+class Agent:
+    """One agent run. Attributes are live, so a run cut off by a timeout still reports how far it got.
+
+    `status`: "running" | "done" (answered) | "step_limit" | "error" (the backend failed or answered
+    garbage) | "timeout" (set by the caller that cancelled it).
+    """
+
+    def __init__(self, client: ChatClient, system_prompt: str, task: str, tools: Sequence[Tool] | Toolset, *,
+                 max_steps: int,
+                 config: SwarmConfig, after_turn: TurnHook | None = None,
+                 count_tokens: Callable[[Sequence[Message]], int] = estimate_tokens) -> None:
+        self.client, self.tools = client, Toolset(tools)
+        self.max_steps, self.config, self.after_turn, self.count_tokens = max_steps, config, after_turn, count_tokens
+        self.messages: list[Message] = [{"role": "system", "content": system_prompt},
+                                        {"role": "user", "content": task}]
+        self.steps = 0
+        self.tool_calls = 0
+        self.context_resets = 0
+        self.answer = ""
+        self.status = "running"
+        self.error: str | None = None
+
+    async def _call(self, call: dict) -> tuple[str, str, ToolResult]:
+        """One tool call; anything the model got wrong (unknown tool, bad JSON, schema) is an error result."""
+        name = (call.get("function") or {}).get("name") or ""
+        return call.get("id") or f"functions.{name}:{self.tool_calls}", name, await self.tools.dispatch(call)
+
+    def _manage_context(self) -> None:
+        if self.config.context == "discard_all" and len(self.messages) > 2 and \
+                self.count_tokens(self.messages) > self.config.context_max_tokens:
+            del self.messages[2:]
+            self.context_resets += 1
+
+    async def run(self) -> Agent:
+        cfg = self.config
+        schemas = self.tools.schemas() or None
+        while self.steps < self.max_steps:
+            self._manage_context()
+            try:
+                result = await self.client.chat(self.messages, tools=schemas, temperature=cfg.temperature,
+                                                top_p=cfg.top_p, max_tokens=cfg.max_tokens)
+                message = _clean_assistant(result.message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - backend errors and garbage end this agent, not the episode
+                self.status, self.error = "error", f"{type(e).__name__}: {e}"
+                return self
+            self.steps += 1
+            self.messages.append(message)
+            calls = message.get("tool_calls") or []
+            if calls:
+                self.tool_calls += len(calls)
+                results = await asyncio.gather(*(self._call(c) for c in calls))
+                self.messages += [tool_message(cid, name, res) for cid, name, res in results]
+            if self.after_turn is not None:
+                self.after_turn(self.steps, calls)
+            if not calls:
+                self.answer, self.status = message.get("content") or "", "done"
+                return self
+        self.status = "step_limit"
+        return self

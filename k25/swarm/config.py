@@ -1,0 +1,58 @@
+"""Swarm configuration: step limits per benchmark (Appendix E) and context management."""
+
+from __future__ import annotations
+
+import dataclasses
+
+# (orchestrator, each subagent) step limits from Appendix E "Agent Swarm Configuration / Step Limits".
+BENCHMARK_STEP_LIMITS: dict[str, tuple[int, int]] = {
+    "browsecomp": (15, 100),
+    "widesearch": (100, 100),
+    "inhouse": (100, 50),
+}
+
+CONTEXT_MODES = ("none", "discard_all")
+
+
+@dataclasses.dataclass(frozen=True)
+class SwarmConfig:
+    """How an episode runs.
+
+    A step is one model turn (one call of the policy; the turn's tool calls then run concurrently): steps
+    are the unit of latency that critical steps add up. `single_max_steps` bounds the single-agent baseline.
+    `context="discard_all"` (the DeepSeek-V3.2 strategy Appendix E uses for BrowseComp): once an agent's
+    context passes `context_max_tokens`, everything after its system prompt and task is dropped and it goes
+    on from there; the step count is not reset.
+    """
+
+    main_max_steps: int = 100
+    sub_max_steps: int = 100
+    single_max_steps: int = 100
+    context: str = "none"
+    context_max_tokens: int = 200_000
+    sub_timeout_s: float = 600.0  # wall time of one subagent run; past it the task is reported as failed
+    episode_timeout_s: float = 3600.0
+    max_subagents: int = 100  # create_subagent calls allowed per episode
+    temperature: float = 1.0  # Appendix E's protocol: temperature 1.0, top-p 0.95
+    top_p: float = 0.95
+    max_tokens: int = 4096  # completion tokens per turn
+
+    def __post_init__(self):
+        for name in ("main_max_steps", "sub_max_steps", "single_max_steps", "context_max_tokens", "max_subagents",
+                     "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SwarmConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.context not in CONTEXT_MODES:
+            raise ValueError(f"SwarmConfig.context must be one of {CONTEXT_MODES}, got {self.context!r}")
+        if self.sub_timeout_s <= 0 or self.episode_timeout_s <= 0:
+            raise ValueError("SwarmConfig.sub_timeout_s and episode_timeout_s must be > 0")
+
+    @classmethod
+    def for_benchmark(cls, name: str, **overrides) -> SwarmConfig:
+        """The Appendix E step limits of `name` (browsecomp | widesearch | inhouse), plus any overrides."""
+        if name not in BENCHMARK_STEP_LIMITS:
+            raise ValueError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARK_STEP_LIMITS)}")
+        main, sub = BENCHMARK_STEP_LIMITS[name]
+        fields = dict(main_max_steps=main, sub_max_steps=sub, single_max_steps=max(main, sub))
+        fields.update(overrides)
+        return cls(**fields)
