@@ -49,6 +49,7 @@ setup(
         "inspect-ai>=0.3.200",  # evaluation and safety harness
         "inspect-evals>=0.26",  # k25.eval.safety: strong_reject / xstest / agentharm / cyberseceval / bbq when online
         "matplotlib>=3.8",  # experiment plots
+        "jsonschema>=4.0",  # k25.tools: validating the model's tool-call arguments against each tool's schema
     ],
     entry_points={"inspect_ai": ["k25 = k25.eval._registry"]},  # `--model k25/PATH` (inspect's extension API)
     package_data={"k25.eval.safety": ["data/*.jsonl"]},
