@@ -450,7 +450,7 @@ class Session:
                 arr = arr.astype(np.uint8) * 255
             elif np.issubdtype(arr.dtype, np.floating):
                 scale = 255.0 if np.nanmax(arr) <= 1.0 else 1.0
-                arr = np.nan_to_num(arr * scale)
+                arr = np.rint(np.nan_to_num(arr * scale))
             if arr.dtype != np.uint8:
                 arr = np.clip(arr, 0, 255).astype(np.uint8)
             obj = Image.fromarray(arr)
