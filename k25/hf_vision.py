@@ -1,35 +1,33 @@
 """Vision tower + projector weights between transformers' Kimi-K2.5 layout and k25's param pure dicts.
 
-The HF side is a `Kimi_K25ForConditionalGeneration` state dict (keys `model.vision_tower.*`,
-`model.mm_projector.*`; q/k already permuted to the rotate-half RoPE layout transformers converts the
-original `wqkv` checkpoints to). The k25 side is the `vision_tower` / `mm_projector` subtrees of
-`nnx.state(K25Model).to_pure_dict()`: dense kernels (in, out), blocks stacked on a leading layer axis,
-the patch conv flattened to a (C*p*p, D) kernel in (c, kh, kw) order.
+The HF side uses transformers' in-memory `Kimi_K25ForConditionalGeneration` names (keys
+`model.vision_tower.*`, `model.mm_projector.*`; q/k already permuted to the rotate-half RoPE layout
+transformers converts the original `wqkv` checkpoints to); `k25.hf.layout` maps the on-disk layouts to
+them. The k25 side is the `vision_tower` / `mm_projector` subtrees of `nnx.state(K25Model).to_pure_dict()`:
+dense kernels (in, out), blocks stacked on a leading layer axis, the patch conv flattened to a (C*p*p, D) kernel in (c, kh, kw) order.
 
-`load_k25` / `save_k25` (called by `k25.hf.load` / `save` for directories with a `vision_config`) read and
-write whole K2.5 checkpoints in the layout `save_pretrained` writes, text weights via `k25.hf`.
+`k25_plan` / `save_k25` (called by `k25.hf.load` / `save` for directories with a `vision_config`) read and
+write whole K2.5 checkpoints, text weights via `k25.hf.text`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 
-from k25.hf import (
-    config_from_hf,
-    config_to_hf,
-    model_from_state,
-    text_params_from_hf,
-    text_params_to_hf,
-    write_safetensors,
-)
+from k25.hf.files import write_safetensors
+from k25.hf.layout import to_saved_layout
+from k25.hf.plan import Placement, assemble
+from k25.hf.text import config_from_hf, config_to_hf, text_params_to_hf, text_plan
 from k25.model.config import K2Config
 from k25.model.vision_config import K25Config, MoonViTConfig
 
@@ -78,14 +76,6 @@ def vision_config_to_hf(cfg: MoonViTConfig) -> dict[str, Any]:
     return out
 
 
-def _linear(sd: Mapping[str, Any], key: str) -> dict[str, np.ndarray]:
-    return {"kernel": to_numpy(sd[key + ".weight"]).T, "bias": to_numpy(sd[key + ".bias"])}
-
-
-def _norm(sd: Mapping[str, Any], key: str) -> dict[str, np.ndarray]:
-    return {"scale": to_numpy(sd[key + ".weight"]), "bias": to_numpy(sd[key + ".bias"])}
-
-
 def _check_shapes(tree: dict, want: dict, path: str = "") -> None:
     for k, v in want.items():
         if isinstance(v, dict):
@@ -116,6 +106,50 @@ def expected_shapes(cfg: K25Config) -> dict[str, Any]:
                              "out_proj": dense(m, cfg.text_config.hidden_size)}}
 
 
+def vision_plan(get: Callable[[str], np.ndarray], cfg: K25Config, prefix: str = "model.") -> list[Placement]:
+    """Where every HF vision tower / projector tensor (transformers' in-memory names) goes in a K25Model."""
+    v = cfg.vision_config
+    vt, pj = prefix + VISION, prefix + PROJECTOR
+    plan: list[Placement] = []
+
+    def add(path: tuple[str, ...], index: tuple[int, ...], key: str, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+        plan.append(Placement(path, index, key, functools.partial(_apply, get, key, fn)))
+
+    def linear(path, index, key):
+        add((*path, "kernel"), index, key + ".weight", np.transpose)
+        add((*path, "bias"), index, key + ".bias", None)
+
+    def norm(path, index, key):
+        add((*path, "scale"), index, key + ".weight", None)
+        add((*path, "bias"), index, key + ".bias", None)
+
+    tower = ("vision_tower",)
+    add((*tower, "patch_embed", "proj", "kernel"), (), vt + "patch_embed.proj.weight", _conv_kernel)
+    add((*tower, "patch_embed", "proj", "bias"), (), vt + "patch_embed.proj.bias", None)
+    add((*tower, "patch_embed", "position_embeddings"), (), vt + "patch_embed.pos_emb.position_embeddings", None)
+    for i in range(v.num_hidden_layers):
+        lp = f"{vt}layers.{i}."
+        for k in _NORMS:
+            norm((*tower, "layers", k), (i,), lp + k)
+        for group, names in _DENSE.items():
+            for k in names:
+                linear((*tower, "layers", group, k), (i,), f"{lp}{group}.{k}")
+    norm((*tower, "final_layernorm"), (), vt + "final_layernorm")
+    norm(("mm_projector", "pre_norm"), (), pj + "pre_norm")
+    linear(("mm_projector", "in_proj"), (), pj + "in_proj")
+    linear(("mm_projector", "out_proj"), (), pj + "out_proj")
+    return plan
+
+
+def _apply(get: Callable[[str], np.ndarray], key: str, fn: Callable | None) -> np.ndarray:
+    x = get(key)
+    return x if fn is None else fn(x)
+
+
+def _conv_kernel(conv: np.ndarray) -> np.ndarray:
+    return conv.reshape(conv.shape[0], -1).T
+
+
 def vision_params_from_hf(state_dict: Mapping[str, Any], cfg: K25Config, prefix: str = "model."
                           ) -> dict[str, Any]:
     """{"vision_tower": ..., "mm_projector": ...} pure dict of numpy arrays from an HF Kimi-K2.5 state dict.
@@ -124,40 +158,24 @@ def vision_params_from_hf(state_dict: Mapping[str, Any], cfg: K25Config, prefix:
     """
     v = cfg.vision_config
     vt, pj = prefix + VISION, prefix + PROJECTOR
-    try:
-        conv = to_numpy(state_dict[vt + "patch_embed.proj.weight"])
-        patch = {"proj": {"kernel": conv.reshape(conv.shape[0], -1).T,
-                          "bias": to_numpy(state_dict[vt + "patch_embed.proj.bias"])},
-                 "position_embeddings": to_numpy(state_dict[vt + "patch_embed.pos_emb.position_embeddings"])}
-        per_layer = []
-        for i in range(v.num_hidden_layers):
-            lp = f"{vt}layers.{i}."
-            layer = {k: _norm(state_dict, lp + k) for k in _NORMS}
-            for group, names in _DENSE.items():
-                layer[group] = {k: _linear(state_dict, f"{lp}{group}.{k}") for k in names}
-            per_layer.append(layer)
-        projector = {"pre_norm": _norm(state_dict, pj + "pre_norm"), "in_proj": _linear(state_dict, pj + "in_proj"),
-                     "out_proj": _linear(state_dict, pj + "out_proj")}
-        final = _norm(state_dict, vt + "final_layernorm")
-    except KeyError as e:
-        raise KeyError(f"HF state dict lacks {e.args[0]!r}: not a transformers Kimi-K2.5 layout with prefix "
-                       f"{prefix!r}, or num_hidden_layers={v.num_hidden_layers} is wrong.") from None
-    layers = _stack(per_layer)
-    out = {"vision_tower": {"patch_embed": patch, "layers": layers, "final_layernorm": final},
-           "mm_projector": projector}
+    plan = vision_plan(lambda k: to_numpy(state_dict[k]), cfg, prefix)
+    lacking = [p.name for p in plan if p.name not in state_dict]
+    if lacking:
+        raise KeyError(f"HF state dict lacks {lacking[0]!r}: not a transformers Kimi-K2.5 layout with prefix "
+                       f"{prefix!r}, or num_hidden_layers={v.num_hidden_layers} is wrong.")
     used = set(vision_hf_keys(cfg, prefix))
     extra = sorted(k for k in state_dict if k.startswith((vt, pj)) and k not in used)
     if extra:
         raise ValueError(f"HF vision/projector keys not consumed: {extra[:5]} (of {len(extra)}); "
                          "num_hidden_layers may be too small.")
+    out = assemble(plan, _abstract_shapes(expected_shapes(cfg)))
     _check_shapes(out, expected_shapes(cfg))
     return out
 
 
-def _stack(trees: list[dict]) -> dict:
-    first = trees[0]
-    return {k: _stack([t[k] for t in trees]) if isinstance(first[k], dict) else np.stack([t[k] for t in trees])
-            for k in first}
+def _abstract_shapes(shapes: dict) -> dict:
+    return {k: _abstract_shapes(v) if isinstance(v, dict) else jax.ShapeDtypeStruct(v, np.float32)
+            for k, v in shapes.items()}
 
 
 def vision_hf_keys(cfg: K25Config, prefix: str = "model.") -> list[str]:
@@ -245,31 +263,27 @@ def k25_config_to_hf(cfg: K25Config) -> dict[str, Any]:
             "vision_end_token_id": cfg.vision_end_token_id, "tie_word_embeddings": cfg.text_config.tie_word_embeddings}
 
 
-def load_k25(hf: Mapping[str, Any], get: Callable[[str], np.ndarray], has: Callable[[str], bool],
-             **overrides: Any) -> nnx.Module:
-    """A K25Model from tensors in transformers' layout (`model.language_model.*`, `model.vision_tower.*`, ...)."""
-    from k25.model.k25 import K25Model
-
-    if has("vision_tower.encoder.blocks.0.wqkv.weight") or has("language_model.model.embed_tokens.weight"):
-        raise ValueError("this is the original Moonshot checkpoint layout (fused wqkv, interleaved vision RoPE); "
-                         "convert it once with transformers (Kimi_K25ForConditionalGeneration.from_pretrained("
-                         "...).save_pretrained(...)) and load that directory.")
+def k25_plan(hf: Mapping[str, Any], view, **overrides: Any) -> tuple[K25Config, list[Placement]]:
+    """K25Config and the plan for a K2.5 checkpoint; `view` shows transformers' in-memory names
+    (`k25.hf.layout.K25Names` over either on-disk layout)."""
     cfg = k25_config_from_hf(hf, **overrides)
-    if has(f"model.{VISION}layers.{cfg.vision_config.num_hidden_layers}.norm1.weight"):
-        raise ValueError(f"the checkpoint has more than num_hidden_layers={cfg.vision_config.num_hidden_layers} "
-                         "vision layers; fix vision_config.")
-    text = text_params_from_hf(get, has, cfg.text_config, prefix="model.language_model.",
-                               rope_interleave=hf["text_config"].get("rope_interleave", True))
-    vision = vision_params_from_hf({k: get(k) for k in vision_hf_keys(cfg)}, cfg)
-    return model_from_state(cfg, {**vision, "language_model": text}, model_cls=K25Model)
+    text = text_plan(view.get, view.__contains__, cfg.text_config, prefix="model.language_model.",
+                     rope_interleave=hf["text_config"].get("rope_interleave", True), root=("language_model",))
+    return cfg, text + vision_plan(view.get, cfg)
 
 
-def save_k25(model: nnx.Module, path: str, max_shard_bytes: int = 5 << 30) -> None:
-    """Write a K25Model as a directory `Kimi_K25ForConditionalGeneration.from_pretrained` loads."""
+def k25_tensors(model: nnx.Module, layout: str = "transformers") -> Iterator[tuple[str, np.ndarray]]:
+    """(on-disk name, torch-layout array) pairs of a K25Model in the layout `save_pretrained` writes."""
     cfg: K25Config = model.cfg
     state = nnx.to_pure_dict(nnx.state(model))
     text = text_params_to_hf(state["language_model"], cfg.text_config, prefix="model.language_model.")
     tensors = itertools.chain(text, vision_params_to_hf(state, cfg).items())
-    write_safetensors(tensors, path, max_shard_bytes, dtype=cfg.text_config.param_dtype)
+    return to_saved_layout(tensors, cfg.vision_config.num_attention_heads, layout)
+
+
+def save_k25(model: nnx.Module, path: str, max_shard_bytes: int = 5 << 30, layout: str = "transformers") -> None:
+    """Write a K25Model as a directory `Kimi_K25ForConditionalGeneration.from_pretrained` loads."""
+    cfg: K25Config = model.cfg
+    write_safetensors(k25_tensors(model, layout), path, max_shard_bytes, dtype=cfg.text_config.param_dtype)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(k25_config_to_hf(cfg), f, indent=2)

@@ -1,7 +1,4 @@
-"""Load and save HF-format checkpoints (config.json + safetensors) of DeepseekV3 / Kimi-K2 models.
-
-`load(path)` builds a `K2Model` from a directory transformers wrote (or a released checkpoint);
-`save(model, path)` writes a directory `DeepseekV3ForCausalLM.from_pretrained` loads.
+"""DeepseekV3 / Kimi-K2 text weights: config.json <-> K2Config, and HF tensor names <-> k25 leaves.
 
 Layout notes:
   * torch Linear weights are (out, in); k25 kernels are (in, out): every matrix is transposed.
@@ -15,8 +12,7 @@ Layout notes:
 
 from __future__ import annotations
 
-import json
-import os
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,11 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from k25.hf.plan import Placement, abstract_state, assemble
 from k25.model.config import K2Config, RopeScaling
 from k25.model.decoder import K2Model
-
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -39,9 +33,6 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> K2Config:
         hf = hf["text_config"]
     if hf.get("attention_bias"):
         raise ValueError("config.json: attention_bias=true is not supported by k25 (K2 has no attention biases).")
-    if hf.get("quantization_config"):
-        raise ValueError("config.json: quantization_config is set; k25 loads unquantized (bf16/fp32) weights. "
-                         "Dequantize the checkpoint first.")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
     rtype = rope.get("rope_type", rope.get("type", "default"))
@@ -165,83 +156,70 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-# ------------------------------------------------------------------------------------- safetensors
-class _Reader:
-    """Lazy access to the tensors of a checkpoint directory (single file or sharded with an index)."""
+def _fetch(get: Callable[[str], np.ndarray], key: str, transpose: bool, cfg: K2Config, rope_interleave: bool
+           ) -> np.ndarray:
+    w = get(key)
+    if not rope_interleave:
+        if key.endswith(("q_b_proj.weight", "q_proj.weight")):
+            w = _permute_q_rope(w, cfg)
+        elif key.endswith("kv_a_proj_with_mqa.weight"):
+            w = _permute_k_rope(w, cfg)
+    return w.T if transpose else w
 
-    def __init__(self, path: str):
-        from safetensors import safe_open
 
-        index = os.path.join(path, SAFETENSORS_INDEX)
-        if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        else:
-            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-            if not files:
-                raise FileNotFoundError(f"{path}: no *.safetensors files and no {SAFETENSORS_INDEX}.")
-            weight_map = {}
-            for fn in files:
-                with safe_open(os.path.join(path, fn), "np") as f:
-                    weight_map.update({k: fn for k in f.keys()})
-        self.path, self.weight_map, self._open = path, weight_map, safe_open
+def _fused(get: Callable[[str], np.ndarray], key: str, rows: slice | None) -> np.ndarray:
+    w = get(key)
+    return (w if rows is None else w[:, rows]).transpose(0, 2, 1)
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.weight_map
 
-    def get(self, key: str) -> np.ndarray:
-        if key not in self.weight_map:
-            raise KeyError(f"{self.path}: tensor {key!r} not found in the checkpoint.")
-        with self._open(os.path.join(self.path, self.weight_map[key]), "np") as f:
-            return np.asarray(f.get_tensor(key), np.float32)
+def text_plan(get: Callable[[str], np.ndarray], has: Callable[[str], bool], cfg: K2Config, prefix: str = "model.",
+              lm_head_key: str = "lm_head.weight", rope_interleave: bool = True,
+              root: tuple[str, ...] = ()) -> list[Placement]:
+    """Where every HF tensor of a K2Model goes (`root` prefixes the k25 paths, e.g. ("language_model",))."""
+    plan: list[Placement] = []
+
+    def add(path: tuple[str, ...], index: tuple[int, ...], key: str, fetch: Callable[[], np.ndarray]) -> None:
+        plan.append(Placement((*root, *path), index, key, fetch))
+
+    def one(path, index, key, transpose):
+        add(path, index, key, functools.partial(_fetch, get, key, transpose, cfg, rope_interleave))
+
+    k = cfg.first_k_dense_replace
+    F = cfg.moe_intermediate_size
+    for name, layer_ids, moe in (("dense_layers", range(k), False),
+                                 ("moe_layers", range(k, cfg.num_hidden_layers), True)):
+        for j, i in enumerate(layer_ids):
+            for suffix, path, transpose in _layer_keys(cfg, moe):
+                one((name, *path), (j,), f"{prefix}layers.{i}.{suffix}", transpose)
+            if not moe:
+                continue
+            base = f"{prefix}layers.{i}.mlp.experts."
+            ex = (name, "mlp", "experts")
+            if has(base + "gate_up_proj"):  # transformers' in-memory fused layout: (E, 2F, D) and (E, D, F)
+                for n, rows in (("gate_proj", slice(0, F)), ("up_proj", slice(F, 2 * F))):
+                    add((*ex, n), (j,), base + "gate_up_proj", functools.partial(_fused, get, base + "gate_up_proj",
+                                                                                  rows))
+                add((*ex, "down_proj"), (j,), base + "down_proj", functools.partial(_fused, get, base + "down_proj",
+                                                                                    None))
+            else:  # per expert: the released layout and what save_pretrained writes
+                for e in range(cfg.n_routed_experts):
+                    for n in ("gate_proj", "up_proj", "down_proj"):
+                        one((*ex, n), (j, e), f"{base}{e}.{n}.weight", True)
+    one(("embed_tokens", "embedding"), (), f"{prefix}embed_tokens.weight", False)
+    one(("norm", "scale"), (), f"{prefix}norm.weight", False)
+    if not cfg.tie_word_embeddings:
+        one(("lm_head", "kernel"), (), lm_head_key, True)
+    return plan
 
 
 def text_params_from_hf(get: Callable[[str], np.ndarray], has: Callable[[str], bool], cfg: K2Config,
                         prefix: str = "model.", lm_head_key: str = "lm_head.weight",
                         rope_interleave: bool = True) -> dict:
-    """k25 pure state dict (params + expert biases) of a K2Model from HF tensors reached through `get`."""
-    out: dict = {}
-
-    def fetch(key: str, transpose: bool) -> np.ndarray:
-        w = get(key)
-        if not rope_interleave:
-            if key.endswith(("q_b_proj.weight", "q_proj.weight")):
-                w = _permute_q_rope(w, cfg)
-            elif key.endswith("kv_a_proj_with_mqa.weight"):
-                w = _permute_k_rope(w, cfg)
-        return w.T if transpose else w
-
-    def stack(layer_ids: list[int], moe: bool, name: str) -> None:
-        for suffix, path, transpose in _layer_keys(cfg, moe):
-            _set(out, (name, *path), np.stack([fetch(f"{prefix}layers.{i}.{suffix}", transpose) for i in layer_ids]))
-        if moe:
-            F = cfg.moe_intermediate_size
-            gates, ups, downs = [], [], []
-            for i in layer_ids:
-                base = f"{prefix}layers.{i}.mlp.experts."
-                if has(base + "gate_up_proj"):  # fused: (E, 2F, D) and (E, D, F)
-                    gu = get(base + "gate_up_proj")
-                    gates.append(gu[:, :F].transpose(0, 2, 1))
-                    ups.append(gu[:, F:].transpose(0, 2, 1))
-                    downs.append(get(base + "down_proj").transpose(0, 2, 1))
-                else:
-                    E = range(cfg.n_routed_experts)
-                    gates.append(np.stack([get(f"{base}{e}.gate_proj.weight").T for e in E]))
-                    ups.append(np.stack([get(f"{base}{e}.up_proj.weight").T for e in E]))
-                    downs.append(np.stack([get(f"{base}{e}.down_proj.weight").T for e in E]))
-            for n, arrs in (("gate_proj", gates), ("up_proj", ups), ("down_proj", downs)):
-                _set(out, (name, "mlp", "experts", n), np.stack(arrs))
-
-    k = cfg.first_k_dense_replace
-    if k:
-        stack(list(range(k)), False, "dense_layers")
-    if cfg.num_moe_layers:
-        stack(list(range(k, cfg.num_hidden_layers)), True, "moe_layers")
-    _set(out, ("embed_tokens", "embedding"), get(f"{prefix}embed_tokens.weight"))
-    _set(out, ("norm", "scale"), get(f"{prefix}norm.weight"))
-    if not cfg.tie_word_embeddings:
-        _set(out, ("lm_head", "kernel"), get(lm_head_key).T)
-    return out
+    """k25 pure state dict (numpy params + expert biases) of a K2Model from HF tensors reached through `get`."""
+    plan = text_plan(get, has, cfg, prefix, lm_head_key, rope_interleave)
+    _, state = abstract_state(K2Model, cfg)
+    return assemble(plan, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float32),
+                                       nnx.to_pure_dict(state)))
 
 
 def text_params_to_hf(state: dict, cfg: K2Config, prefix: str = "model.",
@@ -274,15 +252,9 @@ def text_params_to_hf(state: dict, cfg: K2Config, prefix: str = "model.",
         yield lm_head_key, get(("lm_head", "kernel")).T
 
 
-# ------------------------------------------------------------------------------------- model glue
-def abstract_model(cfg: K2Config) -> tuple[nnx.GraphDef, nnx.State]:
-    """Graph and abstract state of a K2Model, without allocating weights."""
-    return nnx.split(nnx.eval_shape(lambda: K2Model(cfg, rngs=nnx.Rngs(0))))
-
-
-def model_from_state(cfg: K2Config, pure: dict, model_cls: Callable = K2Model) -> nnx.Module:
+def model_from_state(cfg: Any, pure: dict, model_cls: Callable = K2Model) -> nnx.Module:
     """Merge a pure state dict into a model of `cfg`, checking every shape first."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0))))
+    graphdef, state = abstract_state(model_cls, cfg)
     expected = nnx.to_pure_dict(state)
     flat_exp = dict(jax.tree_util.tree_leaves_with_path(expected))
     flat_got = dict(jax.tree_util.tree_leaves_with_path(pure))
@@ -297,68 +269,3 @@ def model_from_state(cfg: K2Config, pure: dict, model_cls: Callable = K2Model) -
     cast = jax.tree.map(lambda a, e: jnp.asarray(a, e.dtype), pure, expected)
     nnx.replace_by_pure_dict(state, cast)
     return nnx.merge(graphdef, state)
-
-
-def load(path: str, **config_overrides: Any) -> nnx.Module:
-    """Build a k25 model from an HF-format checkpoint directory.
-
-    DeepseekV3 / Kimi-K2 directories give a `K2Model`; Kimi-K2.5 directories (a `vision_config`
-    in config.json) give the multimodal `K25Model`. Extra keyword arguments override config
-    fields (e.g. `dtype="bfloat16"`).
-    """
-    with open(os.path.join(path, "config.json")) as f:
-        hf = json.load(f)
-    reader = _Reader(path)
-    if "vision_config" in hf:
-        from k25.hf_vision import load_k25
-
-        return load_k25(hf, reader.get, reader.__contains__, **config_overrides)
-    config_overrides.setdefault("dtype", "float32")
-    cfg = config_from_hf(hf, **config_overrides)
-    pure = text_params_from_hf(reader.get, reader.__contains__, cfg, rope_interleave=hf.get("rope_interleave", True))
-    return model_from_state(cfg, pure)
-
-
-def write_safetensors(tensors: Iterator[tuple[str, np.ndarray]], path: str, max_shard_bytes: int = 5 << 30,
-                      dtype: str = "float32") -> None:
-    """Write tensors to `path`, one file if it fits in max_shard_bytes, else shards plus an index."""
-    from safetensors.numpy import save_file
-
-    os.makedirs(path, exist_ok=True)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    total = 0
-    np_dtype = jnp.dtype(dtype)
-    for key, arr in tensors:
-        arr = np.ascontiguousarray(np.asarray(arr).astype(np_dtype))
-        if size and size + arr.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = arr
-        size += arr.nbytes
-        total += arr.nbytes
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, SINGLE_FILE), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, fn), metadata={"format": "pt"})
-        weight_map.update({k: fn for k in shard})
-    with open(os.path.join(path, SAFETENSORS_INDEX), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-
-
-def save(model: nnx.Module, path: str, max_shard_bytes: int = 5 << 30) -> None:
-    """Write `model` as an HF checkpoint directory (config.json + safetensors) transformers can load."""
-    if hasattr(model, "vision_tower"):
-        from k25.hf_vision import save_k25
-
-        save_k25(model, path, max_shard_bytes=max_shard_bytes)
-        return
-    cfg: K2Config = model.cfg
-    state = nnx.to_pure_dict(nnx.state(model))
-    os.makedirs(path, exist_ok=True)
-    write_safetensors(text_params_to_hf(state, cfg), path, max_shard_bytes, dtype=cfg.param_dtype)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config_to_hf(cfg), f, indent=2)
