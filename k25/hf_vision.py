@@ -4,7 +4,8 @@ The HF side uses transformers' in-memory `Kimi_K25ForConditionalGeneration` name
 `model.vision_tower.*`, `model.mm_projector.*`; q/k already permuted to the rotate-half RoPE layout
 transformers converts the original `wqkv` checkpoints to); `k25.hf.layout` maps the on-disk layouts to
 them. The k25 side is the `vision_tower` / `mm_projector` subtrees of `nnx.state(K25Model).to_pure_dict()`:
-dense kernels (in, out), blocks stacked on a leading layer axis, the patch conv flattened to a (C*p*p, D) kernel in (c, kh, kw) order.
+dense kernels (in, out), blocks stacked on a leading layer axis, the patch conv flattened to a (C*p*p, D)
+kernel in (c, kh, kw) order.
 
 `k25_plan` / `save_k25` (called by `k25.hf.load` / `save` for directories with a `vision_config`) read and
 write whole K2.5 checkpoints, text weights via `k25.hf.text`.
