@@ -53,7 +53,8 @@ def test_wsd_cosine_decay_and_edge_phases():
     no_decay = wsd(1.0, warmup_steps=4, total_steps=10, decay_fraction=0.0)
     np.testing.assert_allclose([at(no_decay, t) for t in (0, 2, 4, 10, 50)], [0, 0.5, 1, 1, 1], rtol=1e-6)
     no_stable = wsd(1.0, warmup_steps=5, total_steps=10, decay_fraction=0.5)
-    np.testing.assert_allclose([at(no_stable, t) for t in (5, 6, 10)], [1.0, 0.8, 0.0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose([at(no_stable, t) for t in (5, 6, 10)], [1.0, 0.8, 0.0], rtol=1e-5,
+                               atol=1e-6)  # float32 values of size 1: 1e-6 is 8 ULPs
 
 
 def test_constant_and_dispatch():
