@@ -121,6 +121,17 @@ def test_reward_spec_combines_rules_and_grm():
     assert res.reward == pytest.approx(2 / 3)
     spec = RewardSpec({"counting_score": 1.0})
     assert run(compute_reward(spec, "3 things. Answer: 3", 4)).components["counting_score"] == pytest.approx(0.75)
+    # per-call kwargs reach the rule (here: a sandbox stand-in that fails everything)
+    class Failing:
+        def run(self, code):
+            return type("R", (), {"error": "boom"})()
+
+    spec = RewardSpec({"code_tests": 1.0})
+    res = run(compute_reward(spec, "```python\nx = 1\n```", ["assert x == 1"],
+                             rule_kwargs={"code_tests": {"sandbox": Failing()}}))
+    assert res.reward == 0.0
+    with pytest.raises(ValueError, match="rule_kwargs"):
+        run(compute_reward(spec, "x", ["assert 1"], rule_kwargs={"exact_match": {}}))
     # the judge alone (an open-ended task)
     res = run(compute_reward(RewardSpec({"grm": 1.0}, rubric=RUBRIC), "Paris",
                              judge=GRMJudge(ScriptedClient(lambda m, t: "Score: 7"))))
@@ -177,9 +188,13 @@ def test_judge_over_openai_compatible_endpoint():
             time.sleep(0.05)
         client = OpenAIClient("judge-model", base_url=f"http://127.0.0.1:{port}/v1", timeout_s=10, max_retries=0,
                               token_ids=False)
-        j = run(GRMJudge(client, rubric=RUBRIC, max_retries=1).judge("capital?", "Paris"))
+        judge = GRMJudge(client, rubric=RUBRIC, max_retries=1,
+                         chat_kwargs={"chat_template_kwargs": {"thinking": False}})
+        j = run(judge.judge("capital?", "Paris"))
         assert j.score == pytest.approx(0.9) and j.attempts == 2 and len(requests) == 2
         assert requests[0]["temperature"] == 0.0 and RUBRIC in requests[0]["messages"][0]["content"]
+        assert requests[0]["chat_template_kwargs"] == {"thinking": False}
+        assert requests[1]["messages"][1] == {"role": "assistant", "content": "Looks right."}
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -63,7 +63,8 @@ class GRMJudge:
 
     def __init__(self, client: ChatClient, *, rubric: str | None = None, score_range: tuple[float, float] = (0, 10),
                  max_retries: int = 2, temperature: float = 0.0, max_tokens: int = 512,
-                 template: str = DEFAULT_TEMPLATE, fallback: float | None = None) -> None:
+                 template: str = DEFAULT_TEMPLATE, fallback: float | None = None,
+                 chat_kwargs: dict | None = None) -> None:
         lo, hi = score_range
         if not lo < hi:
             raise ValueError(f"score_range={score_range}: need lo < hi")
@@ -77,6 +78,7 @@ class GRMJudge:
         self.client, self.rubric, self.lo, self.hi = client, rubric, float(lo), float(hi)
         self.max_retries, self.temperature, self.max_tokens = max_retries, temperature, max_tokens
         self.template, self.fallback = template, fallback
+        self.chat_kwargs = dict(chat_kwargs or {})  # e.g. {"chat_template_kwargs": {"thinking": False}}
 
     def messages(self, prompt: str, response: str, *, rubric: str | None = None,
                  reference: str | None = None) -> list[dict]:
@@ -96,7 +98,8 @@ class GRMJudge:
         last, problem = "", ""
         for attempt in range(1, self.max_retries + 2):
             try:
-                result = await self.client.chat(messages, temperature=self.temperature, max_tokens=self.max_tokens)
+                result = await self.client.chat(messages, temperature=self.temperature, max_tokens=self.max_tokens,
+                                                **self.chat_kwargs)
             except ClientError as e:
                 problem = f"backend error: {e}"
                 continue

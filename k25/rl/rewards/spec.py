@@ -87,14 +87,20 @@ class RewardResult:
 
 
 async def compute_reward(spec: RewardSpec, response: str, target: Any = None, *, prompt: str = "",
-                         judge: GRMJudge | None = None, reference: str | None = None) -> RewardResult:
+                         judge: GRMJudge | None = None, reference: str | None = None,
+                         rule_kwargs: Mapping[str, Mapping[str, Any]] | None = None) -> RewardResult:
     """Score one response under `spec` (see the module docstring). `target` feeds the rule terms; `prompt`
-    and `reference` the judge."""
+    and `reference` the judge; `rule_kwargs` adds per-call keyword arguments to rule terms (e.g. the
+    episode's own sandbox: {"code_tests": {"sandbox": sb}})."""
+    extra = dict(rule_kwargs or {})
+    stray = sorted(set(extra) - set(spec.weights) | ({GRM} & set(extra)))
+    if stray:
+        raise ValueError(f"compute_reward: rule_kwargs names {stray}, which are not weighted rule terms")
     components: dict[str, float] = {}
     for name in spec.weights:
         if name != GRM:
-            fn = RULES[name]
-            components[name] = float(await asyncio.to_thread(fn, response, target, **spec.kwargs.get(name, {})))
+            kw = {**spec.kwargs.get(name, {}), **extra.get(name, {})}
+            components[name] = float(await asyncio.to_thread(RULES[name], response, target, **kw))
     gated = spec.gate is not None and spec.gate != GRM and components[spec.gate] < spec.gate_threshold
     failed = False
     if GRM in spec.weights and not gated:
