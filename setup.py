@@ -57,6 +57,8 @@ setup(
         "hf": HF,
         "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         "test": HF + ["pytest>=8", "pytest-xdist", "pytest-timeout", "ruff", "nbclient>=0.10", "nbformat>=5.10",
-                      "ipykernel>=6.29"],
+                      "ipykernel>=6.29",
+                      "compressed-tensors==0.20.0",  # tests/hf: the independent INT4 packer (pack_to_int32)
+                      "accelerate>=1.0"],  # transformers needs it to dequantize FP8 / INT4 references
     },
 )
