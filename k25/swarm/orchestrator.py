@@ -103,6 +103,8 @@ class AssignTask(_SwarmTool):
         cfg = session.config
         agent = Agent(session.subagent, session.agents[name], prompt, session.tools, max_steps=cfg.sub_max_steps,
                       config=cfg)
+        record: dict[str, Any] = {"agent": name, "prompt": prompt}
+        session.pending.append(record)  # before the first await: records keep the order of the calls
         try:
             await asyncio.wait_for(agent.run(), timeout=cfg.sub_timeout_s)
         except TimeoutError:
@@ -111,12 +113,10 @@ class AssignTask(_SwarmTool):
             agent.status, agent.error = "error", "returned an empty answer"
         elif agent.status == "step_limit":
             agent.error = f"reached its step limit ({cfg.sub_max_steps} steps) without a final answer"
-        record = {"agent": name, "prompt": prompt, "steps": agent.steps, "tool_calls": agent.tool_calls,
-                  "status": agent.status, "error": agent.error, "answer": agent.answer,
-                  "context_resets": agent.context_resets}
+        record.update(steps=agent.steps, tool_calls=agent.tool_calls, status=agent.status, error=agent.error,
+                      answer=agent.answer, context_resets=agent.context_resets)
         if session.keep_messages:
             record["messages"] = agent.messages
-        session.pending.append(record)
         if agent.status != "done":
             return ToolResult(error=f"task failed: subagent {name!r} {agent.error}")
         return ToolResult(text=agent.answer)
