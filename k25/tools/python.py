@@ -287,7 +287,7 @@ class PythonSandbox:
     def _run_alive(self, code: str) -> ToolResult:
         req_w, resp_r, _ = self._fds
         deadline = time.monotonic() + self.timeout_s + self.kill_grace_s
-        cap = 4 * self.max_output_chars + (1 << 16)
+        cap = 24 * self.max_output_chars + (1 << 20)  # text + error, JSON-escaped (up to 12 bytes a character)
         try:
             send_msg(req_w, {"op": "run", "code": code, "timeout_s": self.timeout_s})
             header, blobs = recv_msg(resp_r, deadline=deadline, max_header=cap,

@@ -211,6 +211,7 @@ def _start_lifeline(fd: int) -> None:
 def isolate(cfg: dict) -> dict:
     """Apply every layer the kernel allows and return what is in force (the tool reports it)."""
     report = {"network": "audit-hook", "filesystem": "audit-hook", "user": "unchanged", "notes": []}
+    _libc()  # import ctypes before the hook: numpy imports it, and its import-time dlopen would be refused
     root = os.geteuid() == 0
     workdir = cfg["host_workdir"]
     chrooted = False
@@ -531,6 +532,10 @@ class Session:
             signal.setitimer(signal.ITIMER_REAL, 0)
             sys.stdout, sys.stderr = saved
         text = out.getvalue()
+        if error is not None and len(error) > self.cfg["max_output_chars"]:
+            capped = CappedOutput(self.cfg["max_output_chars"])
+            capped.write(error)
+            error = capped.getvalue()
         if self.notes:
             text += ("\n" if text and not text.endswith("\n") else "") + "\n".join(self.notes)
         return text, error

@@ -225,3 +225,12 @@ def test_sandbox_dies_with_its_parent(tmp_path):
         time.sleep(0.05)
     else:
         pytest.fail(f"sandbox process {pid} outlived its parent")
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"audit_hook": False}, {"os_isolation": False}],
+                         ids=["full", "os_only", "hook_only"])
+def test_promised_libraries_import_in_every_mode(kwargs):
+    with PythonSandbox(timeout_s=60, memory_mb=512, **kwargs) as sb:
+        r = sb.run("import numpy as np, scipy.ndimage as ndi\nfrom PIL import Image\n"
+                   "int(ndi.binary_dilation(np.eye(4, dtype=bool)).sum()), Image.new('L', (2, 2)).size")
+        assert r.error is None and r.text.endswith(": (10, (2, 2))\n"), r
