@@ -76,7 +76,7 @@ def recv_msg(fd: int, *, deadline: float | None = None, max_header: int = 64 << 
 
 
 # ---------------------------------------------------------------------------------------------- isolation
-CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x08000000, 0x10000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
 PR_SET_NO_NEW_PRIVS = 38
 WORKDIR_IN_CHROOT = "/sandbox"
@@ -218,9 +218,10 @@ def isolate(cfg: dict) -> dict:
     uid = cfg.get("uid") or (1_000_000_000 + os.getpid())  # unique per live sandbox: sandboxes cannot signal each other
     if cfg["os_isolation"]:
         if root:
-            err = _unshare(CLONE_NEWNET | CLONE_NEWNS)
+            err = _unshare(CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWIPC)  # IPC: no SysV objects shared with the host
             if err is None:
                 report["network"] = "netns"
+                report["ipc"] = "ipcns"
                 try:
                     _build_root(cfg["root_dir"], cfg["disk_mb"], uid)
                     os.chroot(cfg["root_dir"])
@@ -229,7 +230,7 @@ def isolate(cfg: dict) -> dict:
                 except OSError as e:
                     report["notes"].append(f"chroot unavailable ({e}); files guarded by the audit hook only")
             else:
-                report["notes"].append(f"unshare(NEWNET|NEWNS) failed ({err})")
+                report["notes"].append(f"unshare(NEWNET|NEWNS|NEWIPC) failed ({err})")
                 if _unshare(CLONE_NEWNET) is None:
                     report["network"] = "netns"
         else:
@@ -261,6 +262,7 @@ def isolate(cfg: dict) -> dict:
         resource.RLIMIT_CORE: 0,
         resource.RLIMIT_NOFILE: 64,
         resource.RLIMIT_MEMLOCK: 0,
+        resource.RLIMIT_MSGQUEUE: 0,
     }
     for which, value in limits.items():
         resource.setrlimit(which, (value, value))
