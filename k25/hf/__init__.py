@@ -105,7 +105,7 @@ def load(path: str, *, mesh: Mesh | None = None, progress: bool = False, on_read
         else:
             from k25.parallel.mesh import state_shardings
 
-            pure = place_on_mesh(plan, abstract, nnx.to_pure_dict(state_shardings(state, mesh)), progress=tick)
+            pure = place_on_mesh(plan, abstract, state_shardings(state, mesh), progress=tick)
     finally:
         if bar is not None:
             bar.close()

@@ -110,8 +110,14 @@ def assemble(plan: list[Placement], abstract: dict, progress: Callable | None = 
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _zeros_fn(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding) -> Callable[[], jax.Array]:
+    return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding)
+
+
 def _zeros(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding) -> jax.Array:
-    return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding)()
+    """Zeros created on the devices in their sharding (never a host copy)."""
+    return _zeros_fn(shape, np.dtype(dtype), sharding)()
 
 
 @functools.cache
