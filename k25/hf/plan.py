@@ -110,7 +110,7 @@ def assemble(plan: list[Placement], abstract: dict, progress: Callable | None = 
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _zeros_fn(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding) -> Callable[[], jax.Array]:
     return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding)
 
