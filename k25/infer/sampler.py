@@ -168,7 +168,11 @@ class Sampler:
         return self.text_cfg.vocab_size
 
     def _place(self, state: nnx.State) -> nnx.State:
-        return state if self._state_sharding is None else jax.device_put(state, self._state_sharding)
+        if self._state_sharding is None:
+            return state
+        placed = jax.tree.map(lambda a: a, state)
+        nnx.replace_by_pure_dict(placed, jax.device_put(nnx.to_pure_dict(state), self._state_sharding))
+        return placed
 
     def _reset_cache(self) -> None:
         cache = init_cache(self.text_cfg, self.max_slots, self.max_len, self.cache_dtype)
