@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from k25.infer.client import ChatClient, Message
+from k25.infer.client import ChatClient, ClientError, Message
 from k25.swarm.config import SwarmConfig
 from k25.tools.base import Tool, ToolResult, Toolset
 
@@ -106,8 +106,12 @@ class Agent:
                 message = _clean_assistant(result.message)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # noqa: BLE001 - backend errors and garbage end this agent, not the episode
-                self.status, self.error = "error", f"{type(e).__name__}: {e}"
+            except ClientError as e:
+                self.status, self.error = "error", f"the model backend failed: {e}"
+                return self
+            except Exception as e:  # noqa: BLE001 - garbage from the backend ends this agent, not the episode
+                self.status = "error"
+                self.error = f"the model answered something that is not an assistant turn ({type(e).__name__}: {e})"
                 return self
             self.steps += 1
             self.messages.append(message)
