@@ -298,6 +298,8 @@ class PythonSandbox:
             text, error = header.get("text", ""), header.get("error")
             if not isinstance(text, str) or not (error is None or isinstance(error, str)):
                 raise ProtocolError("text/error of the wrong type")
+            if header.get("restart"):  # the session's CPU budget is spent: the child exits after answering
+                self._restart_later()
             return ToolResult(text=text, images=images, error=error)
         except TimeoutError:
             self._restart_later()

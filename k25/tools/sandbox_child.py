@@ -257,7 +257,7 @@ def isolate(cfg: dict) -> dict:
     limits = {
         resource.RLIMIT_AS: cfg["memory_mb"] << 20,
         resource.RLIMIT_FSIZE: cfg["disk_mb"] << 20,
-        resource.RLIMIT_CPU: int(cfg["cpu_budget_s"]),
+        resource.RLIMIT_CPU: int(cfg["cpu_budget_s"]) + 2,  # hard: SIGKILL; the soft limit (SIGXCPU) is per call
         resource.RLIMIT_NPROC: 0,  # no fork, no thread (not enforced for root: hence the uid drop)
         resource.RLIMIT_CORE: 0,
         resource.RLIMIT_NOFILE: 64,
@@ -322,6 +322,7 @@ def install_audit_hook(workdir: str, read_roots: list[str]) -> None:
     reads = tuple(sorted({os.path.realpath(r) for r in read_roots} | {work}))
     realpath, fspath, getcwd, join = os.path.realpath, os.fspath, os.getcwd, os.path.join
     write_events, read_events, write_flags = frozenset(_WRITE_EVENTS), frozenset(_READ_EVENTS), _WRITE_FLAGS
+    rlimit_cpu = resource.RLIMIT_CPU
 
     def resolve(path):
         if isinstance(path, int) or path is None:
@@ -343,6 +344,8 @@ def install_audit_hook(workdir: str, read_roots: list[str]) -> None:
             raise PermissionError(f"sandbox: {what} {raw!r} is not allowed ({where})")
 
     def hook(event: str, args: tuple) -> None:
+        if event == "resource.setrlimit" and args and args[0] == rlimit_cpu:
+            return  # the per-call CPU limit (a process can only move its soft limit below the hard one)
         if event in deny_events:
             raise PermissionError(f"sandbox: {deny_map[event]} is not allowed")
         if event.startswith("socket."):
@@ -426,6 +429,7 @@ class Session:
     def __init__(self, cfg: dict):
         self.cfg = cfg
         self.count = 0
+        self.exhausted = False
         self.images: list = []
         self.notes: list[str] = []
         self.ns: dict = {"__name__": "__main__", "__builtins__": builtins, "display": self.display}
@@ -503,11 +507,16 @@ class Session:
         error = None
         saved = sys.stdout, sys.stderr
         used = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+        budget = self.cfg["cpu_budget_s"]
+        if used >= budget - 0.5:
+            self.exhausted = True
+            return "", (f"TimeoutError: this session's CPU-time budget ({budget} s) is used up; the Python session "
+                        "is restarted, so earlier variables are gone")
         hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
-        try:
-            resource.setrlimit(resource.RLIMIT_CPU, (min(hard, int(used + timeout_s) + 2), hard))
-        except (ValueError, OSError, PermissionError):
-            pass  # user code may have lowered the hard limit; the parent's wall-time kill still applies
+        try:  # SIGXCPU (-> SandboxTimeout) after timeout_s more CPU seconds, or at the session budget
+            resource.setrlimit(resource.RLIMIT_CPU, (min(budget, int(used + timeout_s) + 1), hard))
+        except (ValueError, OSError):
+            pass  # user code lowered the hard limit; the wall-time alarm and the parent's kill still apply
         sys.stdout = sys.stderr = out
         signal.setitimer(signal.ITIMER_REAL, timeout_s)
         try:
@@ -585,7 +594,10 @@ def main() -> None:
         elif header["op"] == "run":
             text, error = session.run(header["code"], header["timeout_s"])
             specs, blobs = session.result_blobs()
-            send_msg(resp_fd, {"op": "result", "text": text, "error": error, "images": specs}, blobs)
+            send_msg(resp_fd, {"op": "result", "text": text, "error": error, "images": specs,
+                               "restart": session.exhausted}, blobs)
+            if session.exhausted:
+                os._exit(0)  # the parent replaces the process at the next call
 
 
 if __name__ == "__main__":

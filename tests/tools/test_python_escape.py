@@ -193,6 +193,19 @@ def test_infinite_loop(sandbox):
     assert sandbox.run("kept").text.endswith(": 'yes'\n")
 
 
+def test_cpu_time_limits():
+    """The per-call CPU limit interrupts the cell (state kept); a spent session budget restarts the session."""
+    with PythonSandbox(timeout_s=60, memory_mb=512, cpu_budget_s=2) as sb:
+        sb.run("kept = 1")
+        r = sb.run("while True:\n    pass")
+        assert r.error.startswith("TimeoutError: CPU-time limit reached"), r.error
+        r = sb.run("kept")
+        assert r.error.startswith("TimeoutError: this session's CPU-time budget (2 s) is used up"), r.error
+        r = sb.run("'kept' in globals()")
+        assert r.error is None and r.text.endswith(": False\n") and "restarted" in r.text
+        assert sb.restarts == 1
+
+
 @pytest.mark.parametrize("sandbox", ["full"], indirect=True)
 @pytest.mark.parametrize("code", [
     "print('x' * 10 ** 8)",
