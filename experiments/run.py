@@ -7,6 +7,8 @@ Rerunning with the same DIR resumes from its last checkpoint. `--dry_run` builds
 from __future__ import annotations
 
 import json
+import logging as std_logging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -24,9 +26,24 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def setup_logging(workdir: str) -> str:
+    """Every log record goes to DIR/log.txt; the console shows warnings and errors only, unless --verbosity
+    (absl's own flag) was given, so the progress bar and the tables are not buried in library INFO lines."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "log.txt")
+    handler = std_logging.FileHandler(path)
+    handler.setFormatter(logging.PythonFormatter())
+    handler.setLevel(std_logging.DEBUG)
+    std_logging.getLogger().addHandler(handler)
+    if not flags.FLAGS["verbosity"].present:
+        logging.get_absl_handler().setLevel(std_logging.WARNING)
+    return path
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; config fields are set as --config.FIELD=VALUE")
+    setup_logging(_WORKDIR.value)
     import jax
 
     from k25.train import loop
@@ -40,7 +57,7 @@ def main(argv: list[str]) -> None:
     if _DRY_RUN.value:
         print(json.dumps(loop.plan(config, _WORKDIR.value, compile=_COMPILE.value), indent=1))
         return
-    result = loop.train(config, _WORKDIR.value)
+    result = loop.train(config, _WORKDIR.value, announce=print)
     if result["eval"]:
         print(format_eval_table(result["eval"]))
 

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -137,8 +138,22 @@ class Trainer:
         return self.stage.train_iterator(self.config.seed, jax.process_index(), jax.process_count())
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
-    """Train (or resume) to `config.total_steps`; `stop_after` ends early after that many steps (tests)."""
+def run_summary(config: ml_collections.ConfigDict, t: Trainer, state: TrainState, workdir: str,
+                start: int) -> str:
+    """Two lines that say what is about to run: stage, size, steps, batch, layout and where it writes."""
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    mesh = " ".join(f"{k}{v}" for k, v in t.mesh.shape.items())
+    resume = f", resuming at step {start}" if start else ""
+    return (f"k25 stage={config.get('stage', 'lm')}: {n_params / 1e6:.2f}M params, {config.total_steps} steps{resume}, "
+            f"batch {config.batch_size} x {config.seq_len}, mesh {mesh} on {len(t.mesh.devices.flat)} "
+            f"{jax.devices()[0].platform} device(s)\n"
+            f"  writing {workdir}/: metrics.jsonl, TensorBoard events, checkpoints/, log.txt")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
+          announce: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train (or resume) to `config.total_steps`; `stop_after` ends early after that many steps (tests).
+    `announce` receives a short summary of the run before the first step (the CLI prints it)."""
     t = Trainer(config, workdir)
     ckpt = Checkpointer(workdir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints)
     data = t.data_iterator()
@@ -151,6 +166,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         data.set_state(data_state)
         logging.info("resumed from %s at step %d", ckpt.directory, start)
     writer = MetricsWriter(workdir) if jax.process_index() == 0 else None
+    if announce is not None and jax.process_index() == 0:
+        announce(run_summary(config, t, state, workdir, start))
     if writer is not None:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config_json(config))
@@ -189,6 +206,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                     elapsed = time.perf_counter() - interval_start
                     metrics = dict(metrics, tokens_per_s=tokens_per_step * interval_steps / elapsed,
                                    step_time_s=elapsed / interval_steps)
+                    if hasattr(data, "host_metrics"):  # counters the stage's iterator keeps (and checkpoints)
+                        metrics.update(data.host_metrics())
                     interval_start, interval_steps = time.perf_counter(), 0
                     if config.eval_examples and ((config.eval_every and step % config.eval_every == 0)
                                                  or step == config.total_steps):
