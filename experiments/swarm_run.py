@@ -2,6 +2,7 @@
 
     python -m experiments.swarm_run --endpoint http://127.0.0.1:8000/v1 --model NAME --tasks wide_search \
         [--single_agent] [--split heldout] [--num_tasks 4] [--benchmark widesearch] [--out traces.jsonl]
+    python -m experiments.swarm_run --scripted --tasks wide_search,deep_search,long_doc   # the scripted baseline
 
 Prints one line per episode and a JSON summary per task kind and overall (item_f1, row_f1, success,
 critical_steps, subagents_per_episode, ...). Subagents use the same endpoint unless --subagent_endpoint /
@@ -41,7 +42,8 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (App
 _TOP_P = flags.DEFINE_float("top_p", 0.95, "Top-p (Appendix E: 0.95).")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 4096, "Completion tokens per turn.")
 _OUT = flags.DEFINE_string("out", None, "Write every episode's trace here (JSONL).")
-flags.mark_flags_as_required(["endpoint", "model"])
+_SCRIPTED = flags.DEFINE_bool("scripted", False, "Use the built-in scripted policies (k25.swarm.policies) in this "
+                              "process instead of an endpoint: the reference baseline.")
 
 
 def main(argv: list[str]) -> None:
@@ -52,6 +54,8 @@ def main(argv: list[str]) -> None:
     from k25.swarm.evaluate import evaluate, summarize
     from k25.swarm.tasks import TASK_KINDS, SwarmEnv
 
+    if not _SCRIPTED.value and not (_ENDPOINT.value and _MODEL.value):
+        raise app.UsageError("--endpoint and --model are required (or --scripted for the built-in policies)")
     unknown = [k for k in _TASKS.value if k not in TASK_KINDS]
     if unknown:
         raise app.UsageError(f"--tasks: unknown kind(s) {unknown}; choose from {list(TASK_KINDS)}")
@@ -61,10 +65,15 @@ def main(argv: list[str]) -> None:
         _BENCH.value, context=_CONTEXT.value, context_max_tokens=_CONTEXT_TOKENS.value,
         sub_timeout_s=_SUB_TIMEOUT.value, episode_timeout_s=_EPISODE_TIMEOUT.value, temperature=_TEMPERATURE.value,
         top_p=_TOP_P.value, max_tokens=_MAX_TOKENS.value, **overrides)
-    client = OpenAIClient(_MODEL.value, base_url=_ENDPOINT.value, api_key=_API_KEY.value, timeout_s=_TIMEOUT.value,
-                          max_retries=_RETRIES.value)
-    subagent = client
-    if _SUB_ENDPOINT.value or _SUB_MODEL.value:
+    if _SCRIPTED.value:
+        from k25.infer.client import ScriptedClient
+        from k25.swarm.policies import scripted_policy
+
+        client = subagent = ScriptedClient(scripted_policy())
+    else:
+        client = subagent = OpenAIClient(_MODEL.value, base_url=_ENDPOINT.value, api_key=_API_KEY.value,
+                                         timeout_s=_TIMEOUT.value, max_retries=_RETRIES.value)
+    if not _SCRIPTED.value and (_SUB_ENDPOINT.value or _SUB_MODEL.value):
         subagent = OpenAIClient(_SUB_MODEL.value or _MODEL.value, base_url=_SUB_ENDPOINT.value or _ENDPOINT.value,
                                 api_key=_API_KEY.value, timeout_s=_TIMEOUT.value, max_retries=_RETRIES.value)
     env = SwarmEnv(_SEED.value)
@@ -79,8 +88,8 @@ def main(argv: list[str]) -> None:
             for r, t in zip(rows, traces):
                 f.write(json.dumps({"result": r, "trace": t.to_dict()}, default=str) + "\n")
     mode = "single_agent" if _SINGLE.value else "swarm"
-    summary = {"mode": mode, "model": _MODEL.value, "split": _SPLIT.value, "overall": summarize(rows),
-               **{kind: summarize([r for r in rows if r["kind"] == kind]) for kind in _TASKS.value}}
+    summary = {"mode": mode, "model": "scripted" if _SCRIPTED.value else _MODEL.value, "split": _SPLIT.value,
+               "overall": summarize(rows), **{k: summarize([r for r in rows if r["kind"] == k]) for k in _TASKS.value}}
     print(json.dumps(summary, indent=1))
 
 
