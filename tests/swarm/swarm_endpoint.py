@@ -42,29 +42,26 @@ def make_app(policy, *, model: str = "scripted") -> FastAPI:
     return app
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
-def serve(app: FastAPI, *, max_requests: int = 2000, start_timeout_s: float = 20.0):
-    """Run `app` on 127.0.0.1 for the duration of the block; yields the base URL (…/v1)."""
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", log_config=None, access_log=False,
-                            limit_max_requests=max_requests,
-                            timeout_keep_alive=5)
+def serve(app: FastAPI, *, max_requests: int = 2000, start_timeout_s: float = 30.0):
+    """Run `app` on 127.0.0.1 (a socket bound here, so no port race) for the duration of the block; yields
+    the base URL (.../v1). The server stops after `max_requests` requests at most."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", log_config=None, access_log=False, lifespan="off",
+                            limit_max_requests=max_requests, timeout_keep_alive=5)
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout_s
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the scripted endpoint did not start")
-        time.sleep(0.02)
     try:
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("the scripted endpoint did not start")
+            time.sleep(0.02)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+        sock.close()
