@@ -147,3 +147,36 @@ class OpenAIClient:
             logprobs = [t["logprob"] for t in choice["logprobs"]["content"]]
         return ChatResult(msg, choice.get("finish_reason") or "stop", prompt_ids=data.get("prompt_token_ids"),
                           token_ids=choice.get("token_ids"), logprobs=logprobs)
+
+
+class SamplerClient:
+    """A k25 model in this process: the chat format renders the prompt, the sampler's continuous batch
+    generates (`await sampler.submit`), the format parses the turn. Results carry the prompt ids, sampled ids
+    and their logprobs exactly as the sampler returned them (token-in-token-out), as the server would.
+
+    `chat_template_kwargs={"thinking": False}` per call (or `thinking=False` here) renders the non-thinking
+    generation prompt. Malformed tool calls come back in `message["invalid_tool_calls"]`.
+    """
+
+    def __init__(self, sampler: Any, chat_format: Any, *, model: str = "k25", thinking: bool = True) -> None:
+        from k25.serve.engine import Engine
+
+        self.model, self.thinking = model, thinking
+        self.engine = Engine(sampler, chat_format, model_name=model)
+
+    async def chat(self, messages, *, tools=None, temperature=1.0, top_p=1.0, max_tokens=512, seed=None,
+                   stop=None, chat_template_kwargs=None) -> ChatResult:
+        from k25.serve.engine import BadRequest, assistant_turn
+
+        kwargs = {"thinking": self.thinking, **(chat_template_kwargs or {})}
+        try:
+            prompt = self.engine.chat_prompt(list(messages), list(tools) if tools else None, None, kwargs)
+            max_new = self.engine.check_length(len(prompt.ids), max_tokens)
+            (choice,) = await self.engine.generate(prompt.ids, n=1, max_tokens=max_new, temperature=temperature,
+                                                   top_p=top_p, top_k=None, seed=seed, stop_ids=prompt.stop_ids,
+                                                   stop=list(stop or ()), top_logprobs=0)
+        except BadRequest as e:
+            raise ClientError(f"{self.model}: {e}") from e
+        msg, reason = assistant_turn(choice, prompt.thinking)
+        return ChatResult(msg, reason, prompt_ids=list(prompt.ids), token_ids=choice.token_ids,
+                          logprobs=choice.logprobs)

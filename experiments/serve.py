@@ -1,0 +1,45 @@
+"""Serve a checkpoint over the OpenAI API (chat, completions, models) with FastAPI + uvicorn.
+
+    python -m experiments.serve --checkpoint=PATH [--host 127.0.0.1 --port 8000 --api_key KEY]
+
+PATH is a k25 run directory or an HF checkpoint directory (k25/serve/load.py). Every request goes through
+one continuous-batching sampler (k25/infer); the API is k25/serve/app.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+
+flags.DEFINE_string("checkpoint", None, "k25 run directory or HF checkpoint directory.", required=True)
+flags.DEFINE_string("host", "127.0.0.1", "Address to bind (loopback by default).")
+flags.DEFINE_integer("port", 8000, "Port to listen on.")
+flags.DEFINE_string("api_key", None, "If set, clients must send 'Authorization: Bearer KEY'.")
+flags.DEFINE_string("model_name", None, "Model id clients pass as `model` (default: the checkpoint's basename).")
+flags.DEFINE_integer("max_slots", 8, "Sequences decoded at once (the continuous batch).")
+flags.DEFINE_integer("max_len", 2048, "Context per sequence: prompt + completion tokens.")
+flags.DEFINE_enum("cache_dtype", "bfloat16", ["bfloat16", "float32"], "KV cache dtype.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    import jax.numpy as jnp
+    import uvicorn
+
+    from k25.infer import Sampler
+    from k25.serve.app import create_app
+    from k25.serve.engine import Engine
+    from k25.serve.load import load_checkpoint
+
+    model, chat = load_checkpoint(FLAGS.checkpoint)
+    sampler = Sampler(model, max_slots=FLAGS.max_slots, max_len=FLAGS.max_len,
+                      cache_dtype=getattr(jnp, FLAGS.cache_dtype))
+    name = FLAGS.model_name or os.path.basename(os.path.normpath(FLAGS.checkpoint))
+    engine = Engine(sampler, chat, model_name=name)
+    uvicorn.run(create_app(engine, api_key=FLAGS.api_key), host=FLAGS.host, port=FLAGS.port)
+
+
+if __name__ == "__main__":
+    app.run(main)

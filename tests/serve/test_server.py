@@ -1,0 +1,347 @@
+"""The OpenAI-compatible server, driven by the official `openai` client.
+
+One server runs a tiny K2 through the real continuous-batching sampler (plain, streamed, forced tool call,
+32 concurrent requests, token ids against the sampler's own, bad input); a second serves a scripted sampler
+that writes fixed completions, so tool-call parsing and tool-call streaming are checked deterministically.
+Both bind 127.0.0.1 on a free port and stop at the end of the module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import socket
+import threading
+import time
+
+import httpx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import openai
+import pytest
+import uvicorn
+from flax import nnx
+
+from k25.data import chat
+from k25.infer import Completion, Request, Sampler
+from k25.infer.client import OpenAIClient, SamplerClient
+from k25.model.config import tiny
+from k25.model.decoder import K2Model
+from k25.serve.app import create_app
+from k25.serve.engine import Engine
+
+KEY = "test-key"
+MAX_LEN = 256
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city.",
+                                            "parameters": {"type": "object", "required": ["city"],
+                                                           "properties": {"city": {"type": "string"}}}}}
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+class Server:
+    """uvicorn in a thread on a free 127.0.0.1 port, stopped by `stop()`."""
+
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start in 30 s"
+            time.sleep(0.02)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def fmt():
+    return chat.byte_chat_format()
+
+
+def random_model(cfg) -> K2Model:
+    """A K2Model with numpy-drawn weights (norm scales 1, routing biases 0): eager init compiles every
+    initializer, which costs tens of seconds on a loaded CPU; the shapes come from eval_shape."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: K2Model(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(0)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        value = np.ones(leaf.shape) if "scale" in name else np.zeros(leaf.shape) if "bias" in name else \
+            rng.normal(0.0, 0.1, leaf.shape)
+        return jnp.asarray(value, leaf.dtype)
+
+    pure = jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+@pytest.fixture(scope="module")
+def sampler(fmt):
+    cfg = tiny(vocab_size=288, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+               num_attention_heads=2, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+               v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1)
+    return Sampler(random_model(cfg), max_slots=8, max_len=MAX_LEN, cache_dtype=jnp.float32,
+                   min_bucket=MAX_LEN)  # one prefill and one decode shape: one compile each
+
+
+@pytest.fixture(scope="module")
+def server(sampler, fmt):
+    s = Server(create_app(Engine(sampler, fmt, model_name="tiny"), api_key=KEY))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key=KEY, timeout=120, max_retries=0)
+
+
+def test_models_and_plain_greedy_chat_matches_the_sampler(client, sampler, fmt):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    resp = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, temperature=0, logprobs=True,
+                                          top_logprobs=2, extra_body={"return_token_ids": True})
+    extra, choice = resp.model_extra, resp.choices[0]
+    prompt = fmt.encode(HELLO, add_generation_prompt=True).ids
+    assert extra["prompt_token_ids"] == prompt
+    (ref,) = sampler.generate([Request(prompt, 6, temperature=0.0, stop_ids=fmt.stop_ids)])
+    assert choice.model_extra["token_ids"] == ref.token_ids
+    np.testing.assert_allclose([t.logprob for t in choice.logprobs.content], ref.logprobs, atol=1e-5)
+    assert all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
+    assert choice.finish_reason in ("stop", "length")
+    want = chat.parse_assistant(fmt.decode(ref.token_ids), thinking=True)
+    assert choice.message.content == want["content"]
+    assert resp.usage.prompt_tokens == len(prompt) and resp.usage.completion_tokens == len(ref.token_ids)
+
+
+def test_seeded_sampling_is_deterministic_and_n_choices(client):
+    kw = dict(model="tiny", messages=HELLO, max_tokens=5, temperature=1.0, seed=7, n=3,
+              extra_body={"return_token_ids": True})
+    a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    ids = [c.model_extra["token_ids"] for c in a.choices]
+    assert ids == [c.model_extra["token_ids"] for c in b.choices] and len(ids) == 3
+
+
+def test_streamed_chat_equals_the_plain_answer(client):
+    kw = dict(model="tiny", messages=HELLO, max_tokens=6, temperature=0,
+              extra_body={"chat_template_kwargs": {"thinking": False}})
+    plain = client.chat.completions.create(**kw).choices[0]
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == (plain.message.content or "")
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == plain.finish_reason
+    assert chunks[-1].usage.completion_tokens >= 1
+
+
+def test_thinking_flag_and_forced_named_tool_call_reach_the_prompt(client, fmt):
+    off = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=1, temperature=0,
+                                         extra_body={"return_token_ids": True, "chat_template_kwargs":
+                                                     {"thinking": False}})
+    assert fmt.decode(off.model_extra["prompt_token_ids"]).endswith("<|im_middle|><think></think>")
+    resp = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Oslo?"}], tools=[WEATHER], max_tokens=8,
+        temperature=0, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        extra_body={"return_token_ids": True})
+    prompt = fmt.decode(resp.model_extra["prompt_token_ids"])
+    assert prompt.endswith("<think></think><|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+                           "<|tool_call_argument_begin|>")
+    msg = resp.choices[0].message
+    # a random model's arguments are not JSON: the call is reported as invalid, never dropped
+    ids = [t.id for t in msg.tool_calls or ()] + [c["id"] for c in msg.model_extra.get("invalid_tool_calls") or ()]
+    assert ids[0] == "functions.get_weather:0"
+
+
+def test_32_concurrent_requests_are_all_answered(server):
+    async def run():
+        aclient = openai.AsyncOpenAI(base_url=server.url, api_key=KEY, timeout=300, max_retries=0)
+        jobs = [aclient.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"n{i}"}],
+                                                max_tokens=4, seed=i, extra_body={"return_token_ids": True})
+                for i in range(32)]
+        out = await asyncio.wait_for(asyncio.gather(*jobs), 300)
+        await aclient.close()
+        return out
+
+    results = asyncio.run(run())
+    assert len(results) == 32 and all(1 <= len(r.choices[0].model_extra["token_ids"]) <= 4 for r in results)
+
+
+def test_completions_take_token_ids_and_text(client, sampler):
+    ids = [72, 101, 108, 108, 111]
+    resp = client.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0, logprobs=1,
+                                     extra_body={"return_token_ids": True})
+    (ref,) = sampler.generate([Request(ids, 5, temperature=0.0)])
+    assert resp.choices[0].model_extra["token_ids"] == ref.token_ids
+    assert resp.choices[0].model_extra["prompt_token_ids"] == ids
+    np.testing.assert_allclose(resp.choices[0].logprobs.token_logprobs, ref.logprobs, atol=1e-5)
+    text = client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0,
+                                     extra_body={"return_token_ids": True})
+    assert text.choices[0].model_extra["token_ids"] == ref.token_ids
+
+
+def test_openai_client_gets_token_ids_back(server):
+    c = OpenAIClient("tiny", base_url=server.url, api_key=KEY)
+    res = asyncio.run(c.chat(HELLO, max_tokens=4, temperature=0))
+    assert res.prompt_ids and res.token_ids and len(res.logprobs) == len(res.token_ids)
+
+
+def test_sampler_client_in_process(sampler, fmt):
+    c = SamplerClient(sampler, fmt, model="tiny")
+    res = asyncio.run(c.chat(HELLO, max_tokens=4, temperature=0))
+    (ref,) = sampler.generate([Request(fmt.encode(HELLO, add_generation_prompt=True).ids, 4, temperature=0.0,
+                                       stop_ids=fmt.stop_ids)])
+    assert res.token_ids == ref.token_ids and res.prompt_ids == ref.prompt_ids
+    np.testing.assert_allclose(res.logprobs, ref.logprobs, atol=1e-6)
+
+
+def _png() -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(server, client):
+    url, auth = server.url, {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(timeout=60) as h:
+        def post(path, body=None, raw=None, headers=auth):
+            return h.post(url + path, json=body, content=raw, headers={**headers, "content-type": "application/json"})
+
+        cases = [
+            (post("/chat/completions", raw=b'{"model": "tiny", "messages": [}'), 400, "JSON"),
+            (post("/chat/completions", {"model": "tiny"}), 422, "messages"),
+            (post("/chat/completions", {"model": "tiny", "messages": HELLO, "temperature": 9}), 422, "temperature"),
+            (post("/chat/completions", {"model": "tiny", "messages": HELLO, "max_tokens": "x"}), 422, "max_tokens"),
+            (post("/chat/completions", {"model": "nope", "messages": HELLO}), 404, "nope"),
+            (post("/chat/completions", {"model": "tiny", "messages": HELLO}, headers={"Authorization": "Bearer x"}),
+             401, "API key"),
+            (post("/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x" * 400}]}),
+             400, str(MAX_LEN)),
+            (post("/chat/completions", {"model": "tiny", "messages": HELLO, "max_tokens": MAX_LEN}), 400,
+             str(MAX_LEN)),
+            (post("/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}), 400,
+             "role"),
+            (post("/chat/completions", {"model": "tiny", "messages": HELLO, "tools": [WEATHER],
+                                        "tool_choice": {"type": "function", "function": {"name": "zzz"}}}),
+             400, "zzz"),
+            (post("/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": _png()}}]}]}), 400, "text-only"),
+            (post("/chat/completions", {"model": "tiny", "messages": HELLO,
+                                        "chat_template_kwargs": {"thinking": "yes"}}), 400, "thinking"),
+            (post("/completions", {"model": "tiny", "prompt": [1, 2, 99999]}), 400, "vocabulary"),
+            (post("/completions", {"model": "tiny", "prompt": []}), 400, "prompt"),
+            (post("/nothing", {}), 404, "Not Found"),
+        ]
+        for resp, status, words in cases:
+            assert resp.status_code == status, (resp.status_code, resp.text)
+            err = resp.json()["error"]
+            assert words in err["message"] and {"message", "type", "param", "code"} <= set(err), err
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=HELLO)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=10_000)
+    assert client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2).choices  # still serving
+
+
+# ------------------------------------------------------------------ a scripted sampler: deterministic tool calls
+class ScriptedSampler:
+    """Stands in for the sampler: answers from the prompt's text with a fixed completion, honouring stop ids."""
+
+    multimodal, max_len = False, 4096
+
+    def __init__(self, fmt: chat.ChatFormat):
+        self.fmt, self.vocab_size, self.seen = fmt, fmt.tokenizer.vocab_size, []
+
+    async def submit(self, r: Request) -> Completion:
+        prompt = self.fmt.decode(r.prompt_ids)
+        self.seen.append(prompt)
+        if prompt.endswith("<|tool_call_argument_begin|>"):
+            text = '{"city": "Oslo"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>'
+        elif "weather" in prompt:
+            text = ("two cities</think>Checking.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+                    '<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|><|tool_call_begin|>'
+                    'functions.get_weather:1<|tool_call_argument_begin|>{"city": "Rome"}<|tool_call_end|>'
+                    "<|tool_calls_section_end|><|im_end|>")
+        else:
+            text = "greet</think>Hello there!<|im_end|>"
+        ids = self.fmt.encode_text(text)
+        stop = [k for k, t in enumerate(ids) if t in set(r.stop_ids)]
+        ids = ids[: stop[0] + 1] if stop else ids[: r.max_new_tokens]
+        reason = "stop" if stop else "length"
+        return Completion(list(r.prompt_ids), ids, [-0.5] * len(ids), reason)
+
+
+@pytest.fixture(scope="module")
+def scripted(fmt):
+    s = ScriptedSampler(fmt)
+    srv = Server(create_app(Engine(s, fmt, model_name="scripted")))
+    yield s, openai.OpenAI(base_url=srv.url, api_key="none", timeout=30, max_retries=0)
+    srv.stop()
+
+
+def test_parallel_tool_calls_keep_the_model_ids(scripted):
+    _, c = scripted
+    msgs = [{"role": "user", "content": "weather in Paris and Rome?"}]
+    resp = c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER])
+    msg, choice = resp.choices[0].message, resp.choices[0]
+    assert choice.finish_reason == "tool_calls" and msg.content == "Checking."
+    assert msg.model_extra["reasoning_content"] == "two cities"
+    assert [(t.id, t.function.name, t.function.arguments) for t in msg.tool_calls] == [
+        ("functions.get_weather:0", "get_weather", '{"city": "Paris"}'),
+        ("functions.get_weather:1", "get_weather", '{"city": "Rome"}')]
+
+
+def test_streamed_tool_call_deltas_accumulate_to_the_calls(scripted):
+    _, c = scripted
+    msgs = [{"role": "user", "content": "weather in Paris and Rome?"}]
+    calls: dict[int, dict] = {}
+    finish, content, reasoning = None, "", ""
+    for chunk in c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER], stream=True):
+        d = chunk.choices[0].delta
+        content += d.content or ""
+        reasoning += (d.model_extra or {}).get("reasoning_content") or ""
+        for tc in d.tool_calls or ():
+            slot = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+            slot["id"] = tc.id or slot["id"]
+            slot["name"] += (tc.function.name or "") if tc.function else ""
+            slot["arguments"] += (tc.function.arguments or "") if tc.function else ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and content == "Checking." and reasoning == "two cities"
+    assert [calls[k] for k in sorted(calls)] == [
+        {"id": "functions.get_weather:0", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"id": "functions.get_weather:1", "name": "get_weather", "arguments": '{"city": "Rome"}'}]
+
+
+def test_tool_choice_required_named_and_none(scripted):
+    s, c = scripted
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "functions.get_weather:0", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Bern"}'}}]},
+            {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "sunny"}]
+    named = c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER],
+                                      tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    (call_,) = named.choices[0].message.tool_calls
+    assert call_.id == "functions.get_weather:1" and call_.function.arguments == '{"city": "Oslo"}'
+    assert s.seen[-1].endswith("</think><|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:1"
+                               "<|tool_call_argument_begin|>")
+    c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER], tool_choice="required")
+    assert s.seen[-1].endswith("<think></think><|tool_calls_section_begin|>")
+    none = c.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "weather?"}],
+                                     tools=[WEATHER], tool_choice="none")
+    assert none.choices[0].message.tool_calls is None and none.choices[0].message.content == "Checking."
+    assert none.choices[0].finish_reason == "stop"
+    stopped = c.chat.completions.create(model="scripted", messages=HELLO, stop=["there"])
+    assert stopped.choices[0].message.content == "Hello " and stopped.choices[0].finish_reason == "stop"
