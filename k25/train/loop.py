@@ -188,9 +188,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     def save(step: int, force: bool = False) -> None:
         ckpt.save(step, state, data.get_state(), {"step": step}, force=force)
 
+    # On-policy stages (RL) generate their batches with the current weights: the iterator sees the state first.
+    observe_state = getattr(data, "observe_state", None)
     try:
         with _StopFlag() as stop:
             while step < end:
+                if observe_state is not None:
+                    observe_state(state, step)
                 state, metrics = t.step(state, t.global_batch(next(data)))
                 step += 1
                 interval_steps += 1
