@@ -20,6 +20,7 @@ STAGES = {
     "lm": "k25.train.pretrain:TextLMStage",
     "vit": "k25.train.vit_coca:ViTStage",
     "k25": "k25.train.joint:JointStage",
+    "rl": "k25.rl.trainer:RLStage",
 }
 
 
