@@ -4,13 +4,16 @@
 stream holds each source in (almost exactly) its weight; a seeded window shuffle on top removes the
 periodic order without disturbing those proportions. Finite (file) sources are globally shuffled and
 repeated, in a new order every epoch; synthetic sources are already endless and randomly drawn.
+`VisionSchedule` decides which rows of a joint run hold vision data (ratio and injection point).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import zlib
 from collections.abc import Mapping, Sequence
+from fractions import Fraction
 from typing import Any
 
 import grain
@@ -98,3 +101,70 @@ def mix(
     if shuffle_window > 1:
         mixed = grain.experimental.WindowShuffleMapDataset(mixed, window_size=shuffle_window, seed=seed)
     return mixed
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionSchedule:
+    """Which rows of a run hold vision data: none in the first `inject_step` steps, then a `ratio` share.
+
+    The report's early-fusion ablation (Table 1) holds the total text and vision budgets fixed across arms:
+    a run of N row-slots spends the first `inject_at` x N on text alone and mixes vision into the rest at
+    `ratio`, so its vision total is ratio x (1 - inject_at) x N. Rows after the injection point are numbered
+    g = 0, 1, ... in step-major order and row g holds vision iff floor((g + 1) r) > floor(g r): exactly
+    floor(G r) of the first G rows are vision rows, spread evenly, and any step's rows are a pure function
+    of the step index (so a resumed run sees the same rows). `ratio` is kept as a Fraction so that arms
+    whose products agree in exact arithmetic (0.1 x 1 = 0.2 x 0.5 = 0.5 x 0.2) get identical totals.
+    """
+
+    total_steps: int
+    batch_size: int
+    ratio: Fraction
+    inject_step: int
+
+    @classmethod
+    def from_config(cls, ratio: float, inject_at: float, total_steps: int, batch_size: int) -> VisionSchedule:
+        """Validates `config.data.vision_ratio` (0 < r <= 1) and `config.data.inject_at` (0 <= p < 1, p x
+        total_steps a whole step)."""
+        if not 0 < ratio <= 1:
+            raise ValueError(f"config.data.vision_ratio={ratio} must be in (0, 1] (the share of rows holding "
+                             "vision data after the injection point).")
+        if not 0 <= inject_at < 1:
+            raise ValueError(f"config.data.inject_at={inject_at} must be in [0, 1) (the fraction of the run "
+                             "before vision data starts).")
+        exact = Fraction(inject_at).limit_denominator(10**6) * total_steps
+        if exact.denominator != 1:
+            raise ValueError(f"config.data.inject_at={inject_at} x total_steps={total_steps} = {float(exact)} "
+                             "is not a whole step; pick total_steps so the injection falls on a step boundary.")
+        return cls(int(total_steps), int(batch_size), Fraction(ratio).limit_denominator(10**6), int(exact))
+
+    def _vision_before(self, g: int) -> int:
+        """Vision rows among the first g post-injection rows."""
+        return (max(g, 0) * self.ratio.numerator) // self.ratio.denominator
+
+    def vision_rows(self, step: int) -> np.ndarray:
+        """(batch_size,) bool: which rows of step `step` (0-based batch index) hold vision data."""
+        g0 = (step - self.inject_step) * self.batch_size
+        if g0 < 0:
+            return np.zeros(self.batch_size, bool)
+        counts = np.asarray([self._vision_before(g0 + r) for r in range(self.batch_size + 1)])
+        return np.diff(counts) > 0
+
+    def rows_through(self, steps: int) -> tuple[int, int]:
+        """(text rows, vision rows) in the first `steps` steps."""
+        vision = self._vision_before((steps - self.inject_step) * self.batch_size)
+        return steps * self.batch_size - vision, vision
+
+    def totals(self) -> tuple[int, int]:
+        """(text rows, vision rows) of the whole run."""
+        return self.rows_through(self.total_steps)
+
+
+def injection_for_budget(vision_share: float, ratio: float) -> float:
+    """The injection point p that gives a run with vision ratio `ratio` a vision total of `vision_share` of all
+    its tokens: ratio x (1 - p) = vision_share, i.e. the text-only prefix is as long as the fixed budgets
+    require (the report's 0 % / 50 % / 80 % arms at 10:90 / 20:80 / 50:50 all spend 10 % on vision)."""
+    p = 1 - Fraction(vision_share).limit_denominator(10**6) / Fraction(ratio).limit_denominator(10**6)
+    if not 0 <= p < 1:
+        raise ValueError(f"vision_share={vision_share} is not reachable at vision_ratio={ratio}: it needs "
+                         f"vision_share <= vision_ratio.")
+    return float(p)

@@ -18,8 +18,9 @@ config (`vision_budgets`), so the step compiles once whichever images a batch ho
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
@@ -30,6 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from k25.data.mixture import VisionSchedule
 from k25.data.packing import encode_record
 from k25.data.preprocess import preprocess_images
 from k25.data.synthetic import make_task
@@ -40,12 +42,16 @@ from k25.model.k25 import K25Model
 from k25.model.vision_config import K25Config, MoonViTConfig
 from k25.parallel.dep import reference_loss_fn, step_loss_fn
 from k25.parallel.mesh import make_mesh
+from k25.train.init_from import copy_into, latest_params
+from k25.train.joint_eval import HeldOutTasks
 from k25.train.multimodal import dep_enabled, multimodal_lm_loss, prepare_batch
 from k25.train.step import StepConfig
 
 SPLITS = {"train": 0, "eval": 1}
 MAX_BATCHES = 2**40  # "endless": far more batches than any run takes
 ROW_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
+# (tokens, is_target, (pixel_values, grid_thw) of its image or None)
+Document = tuple[np.ndarray, np.ndarray, tuple[np.ndarray, tuple[int, int, int]] | None]
 
 
 def default_joint_data_config() -> ml_collections.ConfigDict:
@@ -58,6 +64,11 @@ def default_joint_data_config() -> ml_collections.ConfigDict:
         text_rows=1,  # rows per global batch holding only text (the last ones); the rest interleave images
         max_media_tokens_per_row=24,  # caps a row's vision load; also bounds the static budgets
         read_threads=2,  # batches (generation + DEP planning) assembled ahead by grain's read threads
+        # The vision schedule (k25.data.mixture.VisionSchedule): vision_ratio > 0 replaces the fixed
+        # `text_rows` layout (set text_rows=0) with no vision before inject_at x total_steps and a
+        # vision_ratio share of the rows after it.
+        vision_ratio=0.0,
+        inject_at=0.0,  # fraction of the run (in steps) before vision data starts
     ))
 
 
@@ -99,27 +110,31 @@ class JointData:
         return (size // 14) ** 2 // self.merge_area
 
     # ---------------------------------------------------------------------------------------- documents
-    def image_document(self, rng: np.random.Generator, split: str
+    def image_document(self, rng: np.random.Generator, split: str, task: str | None = None, answer_only: bool = False
                        ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, tuple[int, int, int]]]:
         """(tokens, is_target, (pixel_values, grid_thw)) of one image document; the caption is trained, the
-        placeholders are not (their targets are media ids, never predicted)."""
+        placeholders are not (their targets are media ids, never predicted). `task` fixes the task (evals);
+        `answer_only` trains/scores only the answer and eos, not the prompt (held-out scoring)."""
         size = self.sizes[int(rng.integers(len(self.sizes)))]
-        task = self.image_tasks[int(rng.choice(len(self.image_tasks), p=self.image_probs))]
+        if task is None:
+            task = self.image_tasks[int(rng.choice(len(self.image_tasks), p=self.image_probs))]
         fn = IMAGE_TASKS[task]
         sample = fn(rng, size, self.digit_pool[split]) if task == "digits" else fn(rng, size)
         px = preprocess_images([sample.frames[0]])
         t, h, w = (int(v) for v in px["image_grid_thw"][0])
         n_media = h * w // self.merge_area
-        text = self.tok.encode(sample.prompt + " ") if sample.prompt else []
-        text += [*self.tok.encode(sample.answer), self.tok.eos_id]
-        tokens = [self.tok.bos_id, *[self.tok.media_id] * n_media, *text]
-        is_target = [False] * (1 + n_media) + [True] * len(text)
+        prompt = self.tok.encode(sample.prompt + " ") if sample.prompt else []
+        answer = [*self.tok.encode(sample.answer), self.tok.eos_id]
+        tokens = [self.tok.bos_id, *[self.tok.media_id] * n_media, *prompt, *answer]
+        is_target = [False] * (1 + n_media) + [not answer_only] * len(prompt) + [True] * len(answer)
         pixels = np.asarray(px["pixel_values"], np.float32).reshape(t * h * w, -1)
         return np.asarray(tokens, np.int32), np.asarray(is_target, bool), (pixels, (t, h, w))
 
-    def text_document(self, rng: np.random.Generator, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens, is_target) of one synthetic text example, encoded as the text pipeline does."""
-        task = self.text_tasks[int(rng.integers(len(self.text_tasks)))]
+    def text_document(self, rng: np.random.Generator, split: str, task: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, is_target) of one synthetic text example, encoded as the text pipeline does (loss on the
+        answer); `task` (an index into `text_tasks`) fixes the task (evals)."""
+        task = self.text_tasks[int(rng.integers(len(self.text_tasks))) if task is None else task]
         record = task.example(split, int(rng.integers(2**31)), stream=int(rng.integers(2**31)))
         doc = encode_record(record, self.tok, loss_on="answer")
         return doc["tokens"], doc["is_target"]
@@ -132,18 +147,24 @@ class JointData:
         Documents are drawn until the next one would overflow the row or its media-token cap; that one is
         dropped (deterministically), so the row's vision load varies with the drawn sizes.
         """
+        def draw() -> Document:
+            if text_only:
+                return (*self.text_document(rng, split), None)
+            return self.image_document(rng, split)
+
+        return self.pack_row(draw)
+
+    def pack_row(self, draw: Callable[[], Document], max_docs: int | None = None
+                 ) -> tuple[dict[str, np.ndarray], list[tuple[np.ndarray, tuple[int, int, int]]]]:
+        """Documents from `draw()` packed into one row until the next would overflow it (or `max_docs`)."""
         s, pad = self.seq_len, self.tok.pad_id
         out = {"input_ids": np.full(s, pad, np.int32), "targets": np.full(s, pad, np.int32),
                "loss_mask": np.zeros(s, np.int32), "positions": np.zeros(s, np.int32),
                "segment_ids": np.zeros(s, np.int32)}
         pixels: list[tuple[np.ndarray, tuple[int, int, int]]] = []
         used = media = 0
-        for segment in range(1, s + 1):
-            if text_only:
-                tokens, is_target = self.text_document(rng, split)
-                px = None
-            else:
-                tokens, is_target, px = self.image_document(rng, split)
+        for segment in range(1, (max_docs or s) + 1):
+            tokens, is_target, px = draw()
             n, m = len(tokens), int((tokens == self.tok.media_id).sum())
             if n > s:
                 raise ValueError(f"a {n}-token document does not fit seq_len={s}; raise config.seq_len.")
@@ -159,18 +180,30 @@ class JointData:
             used, media = used + n, media + m
         return out, pixels
 
-    def raw_batch(self, run_seed: int, split: str, index: int, batch_size: int) -> dict[str, np.ndarray]:
-        """A global batch in the HF processor layout: row arrays + pixel_values / image_grid_thw (row-major)."""
-        text_rows = int(self.cfg.text_rows) if split == "train" else 0
-        if not 0 <= text_rows < batch_size:
-            raise ValueError(f"config.data.text_rows={text_rows} must be in [0, batch_size={batch_size}).")
-        rows, pixels = [], []
+    def raw_batch(self, run_seed: int, split: str, index: int, batch_size: int,
+                  vision_rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """A global batch in the HF processor layout: row arrays + pixel_values / image_grid_thw (row-major).
+
+        `vision_rows` (batch_size,) bool says which rows hold images (the vision schedule); without it the
+        last `config.data.text_rows` train rows are text and the rest images."""
+        if vision_rows is None:
+            text_rows = int(self.cfg.text_rows) if split == "train" else 0
+            if not 0 <= text_rows < batch_size:
+                raise ValueError(f"config.data.text_rows={text_rows} must be in [0, batch_size={batch_size}).")
+            vision_rows = np.arange(batch_size) < batch_size - text_rows
+        if vision_rows.shape != (batch_size,):
+            raise ValueError(f"vision_rows has shape {vision_rows.shape}; one flag per row ({batch_size}) needed.")
+        rows = []
         for r in range(batch_size):
             rng = np.random.default_rng([self.cfg.seed, SPLITS[split], run_seed, index, r])
-            row, px = self.row(rng, split, text_only=r >= batch_size - text_rows)
-            rows.append(row)
-            pixels += px
-        batch = {k: np.stack([row[k] for row in rows]) for k in ROW_KEYS}
+            rows.append(self.row(rng, split, text_only=not vision_rows[r]))
+        return self.stack(rows)
+
+    def stack(self, rows: list[tuple[dict[str, np.ndarray], list[tuple[np.ndarray, tuple[int, int, int]]]]]
+              ) -> dict[str, np.ndarray]:
+        """Rows (and their images, in order) -> one batch in the HF processor layout."""
+        pixels = [px for _, pxs in rows for px in pxs]
+        batch = {k: np.stack([row[k] for row, _ in rows]) for k in ROW_KEYS}
         if pixels:
             batch["pixel_values"] = np.concatenate([px for px, _ in pixels])
             batch["image_grid_thw"] = np.asarray([grid for _, grid in pixels], np.int64)
@@ -222,10 +255,25 @@ class JointStage:
         self.data = JointData(config.data, config.seq_len, self.tokenizer, vision.merge_area)
         biggest = max(self.data.media_tokens(s) for s in self.data.sizes)
         self.patch_budget, self.token_budget = vision_budgets(config, self.mesh, vision.merge_area, biggest)
-        self._loss = step_loss_fn(multimodal_lm_loss, self.mesh, dep=self.dep)
+        self.schedule = None
+        if config.data.get("vision_ratio", 0.0):
+            if config.data.text_rows:
+                raise ValueError(f"config.data.text_rows={config.data.text_rows} must be 0 with the vision "
+                                 "schedule (config.data.vision_ratio > 0 decides which rows hold text).")
+            self.schedule = VisionSchedule.from_config(config.data.vision_ratio, config.data.get("inject_at", 0.0),
+                                                       config.total_steps, config.batch_size)
+        self._loss = step_loss_fn(functools.partial(multimodal_lm_loss, media_id=self.tokenizer.media_id),
+                                  self.mesh, dep=self.dep)
+        self.init_text = latest_params(config.get("init_text_from", ""), "config.init_text_from")
+        self.task_eval = HeldOutTasks(self.data, int(config.get("eval_per_task", 0)), config.seed)
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        return K25Model(self.k25_cfg, rngs=rngs)
+        """A fresh K25Model; with `config.init_text_from` (the workdir of an `lm` run with the same decoder
+        config) its K2 decoder's latest checkpoint becomes the language model (start from a text model)."""
+        model = K25Model(self.k25_cfg, rngs=rngs)
+        if self.init_text:
+            copy_into(model.language_model, self.init_text, "config.init_text_from")
+        return model
 
     def loss_fn(self, model: nnx.Module, batch: dict) -> tuple[jax.Array, dict]:
         """DEP (custom_vjp: encoder forward, backbone value_and_grad, encoder recompute) or end to end."""
@@ -257,11 +305,13 @@ class JointStage:
         bs = self.config.batch_size
 
         def make_batch(index: int) -> dict[str, np.ndarray]:
-            return self.plan(self.data.raw_batch(seed, "train", int(index), bs))
+            vision = None if self.schedule is None else self.schedule.vision_rows(int(index))
+            return self.plan(self.data.raw_batch(seed, "train", int(index), bs, vision))
 
         threads = int(self.config.data.read_threads)
         read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
-        return iter(grain.MapDataset.range(0, MAX_BATCHES).map(make_batch).to_iter_dataset(read))
+        batches = iter(grain.MapDataset.range(0, MAX_BATCHES).map(make_batch).to_iter_dataset(read))
+        return TokenCounter(batches, self.config.seq_len, self.tokenizer.media_id)
 
     def evaluate(self, model: nnx.Module) -> dict[str, Any]:
         """eval/caption_loss: mean CE per caption token over `eval_examples` held-out image rows, through the
@@ -279,4 +329,42 @@ class JointStage:
             return total, aux["num_tokens"]
 
         total, count = run(state)
-        return {"eval/caption_loss": float(total / jnp.maximum(count, 1.0))}
+        return {"eval/caption_loss": float(total / jnp.maximum(count, 1.0)), **self.task_eval(model)}
+
+
+class TokenCounter:
+    """The stage's batch iterator, counting the token positions of the text and vision rows consumed so far.
+
+    A row holding any media placeholder is a vision row; every row counts its `seq_len` positions (the packed
+    pre-training convention: a row is a sequence of the budget, padding included). The counts ride in the
+    iterator state, so they are checkpointed with it and a resumed run continues them exactly; the runtime
+    logs `host_metrics()` (`tokens/text`, `tokens/vision`) in every metrics.jsonl record.
+    """
+
+    def __init__(self, inner: Any, seq_len: int, media_id: int):
+        self.inner, self.seq_len, self.media_id = inner, seq_len, media_id
+        self.counts = {"tokens/text": 0, "tokens/vision": 0}
+
+    def __iter__(self) -> TokenCounter:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self.inner)
+        vision = int(np.any(np.asarray(batch["input_ids"]) == self.media_id, axis=1).sum())
+        rows = len(batch["input_ids"])
+        self.counts["tokens/vision"] += vision * self.seq_len
+        self.counts["tokens/text"] += (rows - vision) * self.seq_len
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"iterator": self.inner.get_state(), **self.counts}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if "iterator" not in state:
+            raise ValueError("this k25 checkpoint's data state has no token counts (written before they were "
+                             "logged); resume it with the code that wrote it or start a new --workdir.")
+        self.inner.set_state(state["iterator"])
+        self.counts = {k: int(state[k]) for k in self.counts}
+
+    def host_metrics(self) -> dict[str, int]:
+        return dict(self.counts)

@@ -32,12 +32,22 @@ TEXT_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids")
 MEDIA_KEYS = (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw"))
 
 
-def multimodal_lm_loss(language_model: K2Model, embeds: jnp.ndarray, batch: dict) -> tuple[jnp.ndarray, dict]:
-    """Summed next-token cross-entropy over `loss_mask` given input embeddings (media tokens spliced in)."""
+def multimodal_lm_loss(language_model: K2Model, embeds: jnp.ndarray, batch: dict, media_id: int | None = None
+                       ) -> tuple[jnp.ndarray, dict]:
+    """Summed next-token cross-entropy over `loss_mask` given input embeddings (media tokens spliced in).
+
+    With `media_id` the aux also splits the sum by modality (`loss_sum/vision`, `loss_tokens/vision` over rows
+    holding that media token, `.../text` over the rest), so per-modality loss curves come from training steps.
+    """
     out = language_model(inputs_embeds=embeds, positions=batch["positions"], segment_ids=batch["segment_ids"])
     loss, num_tokens = token_loss_sum(out.logits, batch["targets"], batch["loss_mask"])
-    return loss, {"num_tokens": num_tokens, "max_attn_logits": out.max_attn_logits,
-                  "expert_counts": out.expert_counts}
+    aux = {"num_tokens": num_tokens, "max_attn_logits": out.max_attn_logits, "expert_counts": out.expert_counts}
+    if media_id is not None:
+        vision_rows = jnp.any(batch["input_ids"] == media_id, axis=-1, keepdims=True)
+        vision, vision_tokens = token_loss_sum(out.logits, batch["targets"], batch["loss_mask"] * vision_rows)
+        aux.update({"loss_sum/vision": vision, "loss_tokens/vision": vision_tokens,
+                    "loss_sum/text": loss - vision, "loss_tokens/text": num_tokens - vision_tokens})
+    return loss, aux
 
 
 def dep_enabled(config: Any) -> bool:

@@ -102,6 +102,7 @@ def make_train_step(model_def: ModelDef, loss_fn: LossFn, optimizer: optax.Gradi
         if tcfg is not None:
             max_logits = aux["max_attn_logits"]
             metrics["max_attn_logit"] = jnp.max(max_logits)
+            metrics["attn/max_logits"] = max_logits  # (layers, heads), before this step's QK-Clip
             if cfg.qk_clip_tau > 0:
                 text, clipped = qk_clip(_subtree(params, cfg.text_path), max_logits, tcfg, cfg.qk_clip_tau)
                 params = _with_subtree(params, cfg.text_path, text)

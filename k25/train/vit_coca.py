@@ -22,14 +22,12 @@ logged loss is the mean SigLIP row loss plus caption_weight x the mean per-token
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from k25.data.tokenizer import load_tokenizer
@@ -40,7 +38,7 @@ from k25.model.decoder import DecoderOutput
 from k25.model.k25 import K25Model
 from k25.model.text_tower import TextTowerConfig
 from k25.model.vision_config import K25Config, MoonViTConfig
-from k25.train.checkpoint import Checkpointer
+from k25.train.init_from import copy_into, latest_params
 from k25.train.step import StepConfig
 from k25.train.vision_losses import caption_cross_entropy, siglip_loss
 from k25.train.vit_eval import Evaluator
@@ -51,19 +49,14 @@ PHASES = ("coca", "caption_align", "projector_only")
 def load_parts(workdir: str, parts: tuple[str, ...]) -> dict[str, Any]:
     """{part: {"params": ..., "buffers": ...}} pure dicts (numpy) from the latest checkpoint under `workdir`
     ({} when workdir is empty). Buffers (the MoE routing biases) come along: routing depends on them."""
-    if not workdir:
+    state = latest_params(workdir, "config.init_from")
+    if not state:
         return {}
-    step = None
-    if os.path.isdir(os.path.join(workdir, "checkpoints")):  # (a Checkpointer would create the directory)
-        step = Checkpointer(workdir, async_save=False).latest_step()
-    if step is None:
-        raise ValueError(f"config.init_from={workdir!r} holds no checkpoint; run the earlier phase there first.")
-    path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
-    state = ocp.StandardCheckpointer().restore(path)
     missing = [p for p in parts if p not in state["params"]]
     if missing:
-        raise ValueError(f"config.init_parts {missing} are not in {path}; it has {sorted(state['params'])}.")
-    return {p: jax.device_get({k: state[k].get(p, {}) for k in ("params", "buffers")}) for p in parts}
+        raise ValueError(f"config.init_parts {missing} are not in {state['path']}; it has "
+                         f"{sorted(state['params'])}.")
+    return {p: {k: state[k].get(p, {}) for k in ("params", "buffers")} for p in parts}
 
 
 def caption_forward(model: K25Model, pixel_values: jnp.ndarray, ids: jnp.ndarray, pack_size: int) -> DecoderOutput:
@@ -117,14 +110,7 @@ class ViTStage:
         for part, saved in self.init_params.items():
             if not hasattr(model, part):
                 raise ValueError(f"config.init_parts: the {self.phase} model has no {part!r}.")
-            _, params, buffers = nnx.split(getattr(model, part), nnx.Param, ...)
-            for state, values in ((params, saved["params"]), (buffers, saved["buffers"])):
-                want = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(state))
-                if want != jax.tree.map(lambda x: x.shape, values):
-                    raise ValueError(f"config.init_from: {part!r} in {self.config.init_from} has other shapes than "
-                                     "this config's; the vision/lm configs must match the earlier phase's.")
-                nnx.replace_by_pure_dict(state, values)
-                nnx.update(getattr(model, part), state)
+            copy_into(getattr(model, part), saved, f"config.init_from ({part!r} in {self.config.init_from})")
         return model
 
     # ------------------------------------------------------------------------------------------- losses

@@ -1,0 +1,206 @@
+"""Run every arm of an ablation over several seeds, then write its table and plots.
+
+    python -m experiments.ablate early_fusion --seeds 3 --workdir=/tmp/ef [--variant=smoke] [--set=FIELD=VALUE]
+
+NAME is an experiment module (experiments/NAME.py) that defines `ARMS` (its config ARGs), `COLUMNS`
+((metric key, title) of each table column, scored at the end of a run), `CURVES` ({panel: (sum key, count
+key)} of per-modality loss curves from metrics.jsonl) and optionally `REPORT_TABLE1` (the published row of
+each arm). Each run is `python -m experiments.run --config=experiments/NAME.py:ARM[,VARIANT]
+--workdir=DIR/ARM/seed_S --config.seed=S` in its own process; a finished run (its final metrics record
+holds the evals) is skipped and an unfinished one resumes from its checkpoint, so the command can be
+rerun after an interruption. Writes DIR/table.md, DIR/table.json and DIR/curves.png.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+from typing import Any
+
+from absl import app, flags
+
+_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per arm (0 .. seeds-1).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Ablation directory: one run per DIR/ARM/seed_S, the table and plots.")
+_VARIANT = flags.DEFINE_string("variant", "", "Appended to each arm's config ARG (e.g. 'smoke').")
+_SET = flags.DEFINE_multi_string("set", [], "FIELD=VALUE config overrides passed to every run (--config.FIELD).")
+_ARMS = flags.DEFINE_list("arms", [], "Only these arms (default: all of the module's ARMS).")
+
+
+def run_dir(workdir: str, arm: str, seed: int) -> str:
+    return os.path.join(workdir, arm, f"seed_{seed}")
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+    file = os.path.join(path, "metrics.jsonl")
+    if not os.path.exists(file):
+        return []
+    with open(file) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def finished(path: str, columns: list[tuple[str, str]]) -> bool:
+    """The run reached its config's total_steps and logged the table's metrics there."""
+    config = os.path.join(path, "config.json")
+    if not os.path.exists(config):
+        return False
+    with open(config) as f:
+        total = json.load(f)["total_steps"]
+    return any(r["step"] == total and all(k in r for k, _ in columns) for r in read_records(path))
+
+
+def run_all(name: str, seeds: int, workdir: str, variant: str = "", overrides: tuple[str, ...] = (),
+            arms: tuple[str, ...] = ()) -> list[str]:
+    """Runs (or resumes) every unfinished arm x seed; returns the run directories it ran."""
+    module = importlib.import_module(f"experiments.{name}")
+    unknown = sorted(set(arms) - set(module.ARMS))
+    if unknown:
+        raise ValueError(f"--arms {unknown} are not arms of {name}; choose from {list(module.ARMS)}.")
+    ran = []
+    for arm in arms or module.ARMS:
+        for seed in range(seeds):
+            path = run_dir(workdir, arm, seed)
+            if finished(path, module.COLUMNS):
+                continue
+            arg = f"{arm},{variant}" if variant else arm
+            cmd = [sys.executable, "-m", "experiments.run", f"--config=experiments/{name}.py:{arg}",
+                   f"--workdir={path}", f"--config.seed={seed}", *(f"--config.{o}" for o in overrides)]
+            print(f"[ablate] {arm} seed {seed}: {' '.join(cmd[1:])}", flush=True)
+            subprocess.run(cmd, check=True)
+            ran.append(path)
+    return ran
+
+
+def _mean_sem(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def summarize(name: str, workdir: str) -> dict[str, Any]:
+    """{arm: {column key: {mean, sem, values}, "tokens/text": [...], "tokens/vision": [...], "seeds": n}} over
+    the finished runs under `workdir`, in percent for the columns (the report's unit)."""
+    module = importlib.import_module(f"experiments.{name}")
+    out: dict[str, Any] = {}
+    for arm in module.ARMS:
+        seeds = sorted(d for d in os.listdir(os.path.join(workdir, arm))) if os.path.isdir(
+            os.path.join(workdir, arm)) else []
+        finals = []
+        for d in seeds:
+            path = os.path.join(workdir, arm, d)
+            if finished(path, module.COLUMNS):
+                finals.append(read_records(path)[-1])
+        if not finals:
+            continue
+        row: dict[str, Any] = {"seeds": len(finals)}
+        for key, _ in module.COLUMNS:
+            values = [100.0 * r[key] for r in finals]
+            mean, sem = _mean_sem(values)
+            row[key] = {"mean": mean, "sem": sem, "values": values}
+        for key in ("tokens/text", "tokens/vision"):
+            row[key] = [r.get(key) for r in finals]
+        out[arm] = row
+    return out
+
+
+def ranking(summary: dict[str, Any], key: str) -> str:
+    """Arms ordered best first by their mean on `key`, e.g. 'early > mid > late'."""
+    arms = sorted(summary, key=lambda a: -summary[a][key]["mean"])
+    return " > ".join(arms)
+
+
+def table_markdown(name: str, summary: dict[str, Any]) -> str:
+    module = importlib.import_module(f"experiments.{name}")
+    head = "| arm | " + " | ".join(t for _, t in module.COLUMNS) + " | tokens text / vision |"
+    lines = [head, "|" + "---|" * (len(module.COLUMNS) + 2)]
+    for arm, row in summary.items():
+        cells = [f"{row[k]['mean']:.1f} ± {row[k]['sem']:.1f}" for k, _ in module.COLUMNS]
+        tokens = f"{row['tokens/text'][0]:,} / {row['tokens/vision'][0]:,}"
+        lines.append(f"| {arm} (n={row['seeds']}) | " + " | ".join(cells) + f" | {tokens} |")
+    report = getattr(module, "REPORT_TABLE1", {})
+    if report:
+        lines += ["", "The report's Table 1:", "", head.replace(" tokens text / vision |", ""),
+                  "|" + "---|" * (len(module.COLUMNS) + 1)]
+        for arm, values in report.items():
+            lines.append(f"| {arm} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
+    if summary:
+        lines += ["", "Ranking per column (measured; report):", ""]
+        for i, (key, title) in enumerate(module.COLUMNS):
+            theirs = ""
+            if report:
+                theirs = " > ".join(sorted(report, key=lambda a: -report[a][i]))
+            lines.append(f"- {title}: {ranking(summary, key)}; report: {theirs}")
+    return "\n".join(lines) + "\n"
+
+
+def curves(name: str, workdir: str) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """{panel: {arm: (steps, loss averaged over seeds)}} from the runs' per-modality loss sums and counts."""
+    module = importlib.import_module(f"experiments.{name}")
+    out: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+    for panel, (sum_key, count_key) in module.CURVES.items():
+        out[panel] = {}
+        for arm in module.ARMS:
+            per_step: dict[int, list[float]] = {}
+            arm_dir = os.path.join(workdir, arm)
+            for d in sorted(os.listdir(arm_dir)) if os.path.isdir(arm_dir) else []:
+                for r in read_records(os.path.join(arm_dir, d)):
+                    if r.get(count_key):
+                        per_step.setdefault(r["step"], []).append(r[sum_key] / r[count_key])
+            steps = sorted(per_step)
+            if steps:
+                out[panel][arm] = (steps, [sum(per_step[s]) / len(per_step[s]) for s in steps])
+    return out
+
+
+def plot_curves(data: dict[str, dict[str, tuple[list[int], list[float]]]], path: str | None = None):
+    """One panel per modality, one line per arm; saved to `path` when given. Returns the figure."""
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(data), figsize=(5 * len(data), 3.6), squeeze=False)
+    for ax, (panel, arms) in zip(axes[0], data.items()):
+        for arm, (steps, losses) in arms.items():
+            ax.plot(steps, losses, label=arm)
+        ax.set_title(f"{panel} loss (train batches)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy per loss token")
+        ax.legend()
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def write_outputs(name: str, workdir: str) -> dict[str, Any]:
+    summary = summarize(name, workdir)
+    with open(os.path.join(workdir, "table.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(workdir, "table.md"), "w") as f:
+        f.write(table_markdown(name, summary))
+    plot_curves(curves(name, workdir), os.path.join(workdir, "curves.png"))
+    return summary
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
+        raise app.UsageError("usage: python -m experiments.ablate NAME --seeds N --workdir DIR")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    name = argv[1]
+    run_all(name, _SEEDS.value, _WORKDIR.value, _VARIANT.value, tuple(_SET.value), tuple(_ARMS.value))
+    write_outputs(name, _WORKDIR.value)
+    with open(os.path.join(_WORKDIR.value, "table.md")) as f:
+        print(f.read())
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))
