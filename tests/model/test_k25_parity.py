@@ -1,4 +1,6 @@
-"""K25Model logits against transformers' Kimi_K25ForConditionalGeneration (random tiny weights, float32, CPU).
+"""K25Model logits against transformers' Kimi_K25ForConditionalGeneration (random tiny weights, float32, CPU),
+the k25 model loaded by k25.hf.load from the files transformers' save_pretrained wrote (the original Moonshot
+layout: fused wqkv with interleaved RoPE rows, `language_model.*`), and checkpoints in every K2.5 layout.
 
 transformers 5.23 cannot encode a video whose chunks differ in frame count (its temporal merge concatenates
 index tensors of different widths) and splits pooled video features by t*h*w/4 instead of h*w/4, so the
@@ -6,17 +8,20 @@ video reference is built chunk by chunk through its vision tower and projector a
 model's input embeddings here.
 """
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from flax import nnx
+from hf_synthetic import write_int4
+from safetensors.torch import load_file, save_file
 from transformers import Kimi_K25Config, Kimi_K25ForConditionalGeneration
 
-from k25.hf import text_params_from_hf
-from k25.hf_vision import k25_config_from_hf, to_numpy, vision_params_from_hf
-from k25.model.k25 import K25Model
+from k25 import hf as k25_hf
 
 IMG, VID = 250, 251  # placeholder ids inside the tiny vocab (real K2.5 ids lie past it; both are handled)
 SEQ = 64  # one (2, SEQ) shape for every case but the __call__ one, so the text model compiles once
@@ -48,22 +53,37 @@ def randomize_(module: torch.nn.Module, seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def models():
+def reference(tmp_path_factory):
+    """A random tiny transformers K2.5 and the directory its own save_pretrained wrote (the original layout)."""
     torch.manual_seed(0)
     hf_cfg = Kimi_K25Config(text_config=TEXT, vision_config=VISION, projection_hidden_size=32,
                             image_token_id=IMG, video_token_id=VID, tie_word_embeddings=False)
     hf = Kimi_K25ForConditionalGeneration(hf_cfg).eval()
     randomize_(hf, 0)
-    cfg = k25_config_from_hf(hf_cfg.to_dict())  # float32, lm_head untied as the top-level flag says
+    path = tmp_path_factory.mktemp("k25_saved")
+    hf.save_pretrained(path)
+    return hf, str(path)
+
+
+@pytest.fixture(scope="module")
+def models(reference):
+    """(transformers model, k25 model loaded from the files transformers wrote)."""
+    hf, path = reference
+    ours = k25_hf.load(path)
+    cfg = ours.cfg  # float32, lm_head untied as the top-level flag says
     assert (cfg.image_token_id, cfg.video_token_id, cfg.text_config.tie_word_embeddings) == (IMG, VID, False)
-    sd = hf.state_dict()
-    text = text_params_from_hf(lambda k: to_numpy(sd[k]), sd.__contains__, cfg.text_config,
-                               prefix="model.language_model.")
-    ours = nnx.eval_shape(lambda: K25Model(cfg, rngs=nnx.Rngs(0)))  # every value comes from HF
-    state = nnx.state(ours)
-    nnx.replace_by_pure_dict(state, {**vision_params_from_hf(sd, cfg), "language_model": text})
-    nnx.update(ours, state)
     return hf, ours
+
+
+def leaves(model) -> dict:
+    return dict(jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model))))
+
+
+def assert_same_leaves(a, b) -> None:
+    la, lb = leaves(a), leaves(b)
+    assert set(la) == set(lb)
+    for path, leaf in la.items():
+        np.testing.assert_array_equal(np.asarray(lb[path]), np.asarray(leaf), err_msg=jax.tree_util.keystr(path))
 
 
 _embed = nnx.jit(lambda m, ids, px, g, pxv, gv: m.embed(ids, px, g, pxv, gv), static_argnums=(3, 5))
@@ -172,8 +192,6 @@ def test_placeholder_count_mismatch_raises(models):
 
 def test_checkpoint_round_trip_through_transformers(models, tmp_path):
     """k25.hf.save writes what transformers loads back bit for bit; k25.hf.load reads it into the same state."""
-    from k25 import hf as k25_hf
-
     hf, ours = models
     k25_hf.save(ours, str(tmp_path))
     reloaded = Kimi_K25ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
@@ -183,6 +201,75 @@ def test_checkpoint_round_trip_through_transformers(models, tmp_path):
         np.testing.assert_array_equal(got[k].numpy(), v.numpy(), err_msg=k)
     back = k25_hf.load(str(tmp_path))
     assert back.cfg == ours.cfg
-    flat = dict(jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(back))))
-    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(ours))):
-        np.testing.assert_array_equal(np.asarray(flat[path]), np.asarray(leaf), err_msg=jax.tree_util.keystr(path))
+    assert_same_leaves(ours, back)
+
+
+def test_save_writes_what_save_pretrained_writes(reference, models, tmp_path):
+    """Same tensor names (original layout, fused wqkv) and the same bits as transformers' own file."""
+    _, path = reference
+    _, ours = models
+    k25_hf.save(ours, str(tmp_path))
+    theirs, mine = k25_hf.Reader(path), k25_hf.Reader(str(tmp_path))
+    assert set(theirs.keys()) == set(mine.keys())
+    assert "vision_tower.encoder.blocks.1.wqkv.weight" in mine and "language_model.model.blocks.1.mlp.gate.weight" in mine
+    for k in theirs.keys():
+        np.testing.assert_array_equal(mine.get(k), theirs.get(k), err_msg=k)
+
+
+def _rewrite(src: str, dst, rename) -> None:
+    sd = load_file(f"{src}/model.safetensors")
+    save_file({rename(k): v for k, v in sd.items()}, f"{dst}/model.safetensors", metadata={"format": "pt"})
+    shutil.copy(f"{src}/config.json", f"{dst}/config.json")
+
+
+def test_released_spelling_loads_in_both_tools(reference, models, tmp_path):
+    """The release names three tensors differently from save_pretrained (language_model.model.layers.N,
+    vision_tower.patch_embed.*, mm_projector.pre_norm.*); transformers and k25 read both alike."""
+    hf, ours = models
+    k25_hf.save(ours, str(tmp_path), layout="released")
+    keys = set(k25_hf.Reader(str(tmp_path)).keys())
+    assert {"language_model.model.layers.0.input_layernorm.weight", "vision_tower.patch_embed.proj.weight",
+            "mm_projector.pre_norm.weight", "vision_tower.encoder.blocks.0.wqkv.weight"} <= keys
+    reloaded = Kimi_K25ForConditionalGeneration.from_pretrained(str(tmp_path)).eval().state_dict()
+    for k, v in hf.state_dict().items():
+        np.testing.assert_array_equal(reloaded[k].numpy(), v.numpy(), err_msg=k)
+    assert_same_leaves(ours, k25_hf.load(str(tmp_path)))
+
+
+def test_transformers_in_memory_names_load_the_same(models, tmp_path):
+    """transformers' in-memory state dict (split q/k/v in rotate-half order, fused gate_up_proj experts)."""
+    hf, ours = models
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(tmp_path / "model.safetensors"),
+              metadata={"format": "pt"})
+    hf.config.to_json_file(str(tmp_path / "config.json"))
+    assert "model.vision_tower.layers.0.attn.q_proj.weight" in k25_hf.Reader(str(tmp_path))
+    assert_same_leaves(ours, k25_hf.load(str(tmp_path)))
+
+
+def test_unknown_layout_names_the_tensors(reference, tmp_path):
+    _, path = reference
+    _rewrite(path, tmp_path, lambda k: k.replace("wqkv", "qkv_fused"))
+    with pytest.raises(ValueError, match=r"vision_tower\.encoder\.blocks\.0\.qkv_fused\.weight"):
+        k25_hf.load(str(tmp_path))
+    with pytest.raises(ValueError, match=r"lacks tensor.*attn\.q_proj"):
+        k25_hf.load(str(tmp_path))
+
+
+def test_int4_experts_in_the_released_k25_format(reference, models, tmp_path):
+    """K2.5's routed experts as released: INT4 pack-quantized, quantization_config inside text_config."""
+    _, path = reference
+    _, ours = models
+    write_int4(path, str(tmp_path), 32, torch.bfloat16, text_config=True)
+    back = k25_hf.load(str(tmp_path))
+    r = k25_hf.Reader(str(tmp_path))
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        stem = f"language_model.model.blocks.1.mlp.experts.6.{name}."
+        shape = torch.Size([int(x) for x in r.get(stem + "weight_shape")])
+        q = unpack_from_int32(torch.from_numpy(r.get(stem + "weight_packed")), 4, shape).numpy()
+        exact = (q.reshape(shape[0], -1, 32) * r.get(stem + "weight_scale").astype(np.float32)[..., None])
+        got = np.asarray(getattr(back.language_model.moe_layers.mlp.experts, name)[...][0, 6])
+        np.testing.assert_array_equal(got, exact.reshape(shape).T)
+    la, lb = leaves(ours), leaves(back)
+    for path_, leaf in la.items():
+        if "experts" not in jax.tree_util.keystr(path_):
+            np.testing.assert_array_equal(np.asarray(lb[path_]), np.asarray(leaf))
