@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import copy
 import json
 import os
 import random
 
 import pytest
+from chat_fixtures import write_synthetic_kimi_tokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from k25.data import chat
@@ -259,27 +259,8 @@ def test_media_placeholders_expand_per_merged_token():
         fmt.encode(msgs[:0] + [{"role": "user", "content": "x"}], image_tokens=[4])
 
 
-def _write_synthetic_hf_dir(path):
-    """A tiny BPE laid out like the released files: ranks, then 256 special slots named in tokenizer_config."""
-    ranks = [bytes([b]) for b in range(256)] + [b"th", b"the", b"in", b" the", b"at", b"er"]
-    with open(os.path.join(path, "tiktoken.model"), "w") as f:
-        for i, r in enumerate(ranks):
-            f.write(f"{base64.b64encode(r).decode()} {i}\n")
-    n = len(ranks)
-    names = {0: "[BOS]", 1: "[EOS]", 2: "<|im_end|>", 3: "<|im_user|>", 4: "<|im_assistant|>", 10: "<|im_system|>",
-             11: "<|tool_calls_section_begin|>", 12: "<|tool_calls_section_end|>", 13: "<|tool_call_begin|>",
-             14: "<|tool_call_argument_begin|>", 15: "<|tool_call_end|>", 17: "<|im_middle|>", 18: "<|media_begin|>",
-             19: "<|media_content|>", 20: "<|media_end|>", 21: "<|media_pad|>", 22: "<think>", 23: "</think>",
-             254: "[UNK]", 255: "[PAD]"}
-    cfg = {"added_tokens_decoder": {str(n + k): {"content": v, "special": True} for k, v in names.items()},
-           "bos_token": "[BOS]", "eos_token": "[EOS]", "pad_token": "[PAD]", "tokenizer_class": "TikTokenTokenizer"}
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump(cfg, f)
-    return n
-
-
 def test_released_tokenizer_files_give_released_ids(tmp_path):
-    n = _write_synthetic_hf_dir(str(tmp_path))
+    n = write_synthetic_kimi_tokenizer(str(tmp_path))
     fmt = chat.load_chat_format(str(tmp_path))
     assert isinstance(fmt.tokenizer, TiktokenTokenizer)
     # with 163584 ranks these are the released ids 163586 (<|im_end|>) ... 163605 (<|media_pad|>), 163607

@@ -11,24 +11,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import socket
-import threading
-import time
 
 import httpx
-import jax
 import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
-import uvicorn
-from flax import nnx
+from chat_fixtures import Server, random_model
 
 from k25.data import chat
 from k25.infer import Completion, Request, Sampler
 from k25.infer.client import OpenAIClient, SamplerClient
 from k25.model.config import tiny
-from k25.model.decoder import K2Model
 from k25.serve.app import create_app
 from k25.serve.engine import Engine
 
@@ -40,51 +34,9 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 HELLO = [{"role": "user", "content": "Hello"}]
 
 
-class Server:
-    """uvicorn in a thread on a free 127.0.0.1 port, stopped by `stop()`."""
-
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start in 30 s"
-            time.sleep(0.02)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
-
-
 @pytest.fixture(scope="module")
 def fmt():
     return chat.byte_chat_format()
-
-
-def random_model(cfg) -> K2Model:
-    """A K2Model with numpy-drawn weights (norm scales 1, routing biases 0): eager init compiles every
-    initializer, which costs tens of seconds on a loaded CPU; the shapes come from eval_shape."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: K2Model(cfg, rngs=nnx.Rngs(0))))
-    rng = np.random.default_rng(0)
-
-    def draw(path, leaf):
-        name = jax.tree_util.keystr(path)
-        value = np.ones(leaf.shape) if "scale" in name else np.zeros(leaf.shape) if "bias" in name else \
-            rng.normal(0.0, 0.1, leaf.shape)
-        return jnp.asarray(value, leaf.dtype)
-
-    pure = jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state))
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
 
 
 @pytest.fixture(scope="module")

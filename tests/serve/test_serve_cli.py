@@ -1,0 +1,76 @@
+"""`python -m experiments.serve` on checkpoint directories: loading, and the command end to end (slow)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from chat_fixtures import free_port, random_model, write_synthetic_kimi_tokenizer
+
+import k25.hf
+from k25.data.chat import IM_END
+from k25.infer.client import OpenAIClient
+from k25.model.config import tiny
+from k25.model.decoder import K2Model
+from k25.serve.load import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def hf_dir(path: str) -> str:
+    """A random tiny K2 saved as an HF checkpoint, with Kimi tokenizer files laid out as released."""
+    os.makedirs(path, exist_ok=True)
+    n = write_synthetic_kimi_tokenizer(path)
+    cfg = tiny(vocab_size=n + 256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+               num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16,
+               qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1)
+    k25.hf.save(random_model(cfg), path)
+    return path
+
+
+def test_load_checkpoint_rejects_what_it_cannot_serve(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_checkpoint(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="neither a k25 run directory"):
+        load_checkpoint(str(tmp_path))
+
+
+def test_load_hf_directory_gives_model_and_released_format(tmp_path):
+    model, fmt = load_checkpoint(hf_dir(str(tmp_path)))
+    assert isinstance(model, K2Model)
+    n = model.cfg.vocab_size - 256
+    assert fmt.special_ids[IM_END] == n + 2 and fmt.image_pad_id == n + 21
+    fmt.check_vocab(model.cfg.vocab_size)
+
+
+@pytest.mark.slow
+def test_serve_command_answers_an_openai_client(tmp_path):
+    path = hf_dir(str(tmp_path / "ckpt"))
+    port = free_port()
+    cmd = [sys.executable, "-m", "experiments.serve", f"--checkpoint={path}", f"--port={port}", "--api_key=k",
+           "--max_slots=2", "--max_len=64", "--cache_dtype=float32"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "server did not come up in 150 s"
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer k"}, timeout=5)
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert r.json()["data"][0]["id"] == "ckpt"
+        import asyncio
+
+        res = asyncio.run(OpenAIClient("ckpt", base_url=f"http://127.0.0.1:{port}/v1", api_key="k").chat(
+            [{"role": "user", "content": "the"}], max_tokens=4, temperature=0))
+        assert res.prompt_ids[:1] == [262 + 3] and 1 <= len(res.token_ids) <= 4  # <|im_user|> at its released slot
+    finally:
+        proc.terminate()
+        proc.wait(30)
