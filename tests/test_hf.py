@@ -3,11 +3,14 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+
+from flax import nnx  # noqa: E402
 
 from k25 import hf  # noqa: E402
 
@@ -105,3 +108,26 @@ def test_bad_checkpoint_names_the_tensor(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="kv_a_proj_with_mqa|kv_b_proj|kv_a_layernorm"):
         hf.load(str(tmp_path))
+
+
+def test_extra_tensors_are_named_and_mtp_layers_skipped(tmp_path):
+    """DeepSeek-V3 ships a multi-token-prediction layer after the last one (num_nextn_predict_layers): skipped,
+    as transformers does. Any other tensor nothing takes is an error that names it."""
+    from safetensors.torch import load_file, save_file
+
+    ref = make_reference("no_dense_no_groups")
+    ref.save_pretrained(tmp_path / "ref")
+    sd = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    cfg = json.loads((tmp_path / "ref" / "config.json").read_text())
+    plain = hf.load(str(tmp_path / "ref"))
+    (tmp_path / "mtp").mkdir()
+    mtp = dict(sd, **{"model.layers.2.eh_proj.weight": torch.zeros(48, 96),
+                      "model.layers.2.self_attn.kv_b_proj.weight": torch.zeros(54, 16)})
+    save_file(mtp, str(tmp_path / "mtp" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "mtp" / "config.json").write_text(json.dumps(dict(cfg, num_nextn_predict_layers=1)))
+    loaded = hf.load(str(tmp_path / "mtp"))
+    for a, b in zip(jax.tree.leaves(nnx.state(plain)), jax.tree.leaves(nnx.state(loaded))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    (tmp_path / "mtp" / "config.json").write_text(json.dumps(dict(cfg, num_nextn_predict_layers=0)))
+    with pytest.raises(ValueError, match=r"could not place checkpoint tensor\(s\) model\.layers\.2\.eh_proj\.weight"):
+        hf.load(str(tmp_path / "mtp"))
