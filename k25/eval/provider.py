@@ -12,11 +12,13 @@ Model args (`-M key=value`):
 - `prompt_format`: "chat" (the Kimi chat format) or "raw" (bos + the user text, no template: what the
   pre-training stage's held-out evals decode from); "auto" picks "raw" for a run whose stage never saw the
   chat format and "chat" otherwise;
-- anything else goes to the SamplerClient constructor (e.g. `max_slots`, `max_len`).
+- `max_slots`, `max_len`, `cache_dtype`, `thinking`: how the checkpoint is served (`K25ModelAPI.load_client`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 import uuid
 from typing import Any
@@ -31,7 +33,7 @@ from inspect_ai.model import (
 )
 from inspect_ai.tool import ToolChoice, ToolFunction, ToolInfo
 
-from k25.infer.client import ChatClient, ChatResult
+from k25.infer.client import ChatClient, ChatResult, assistant_message
 
 PROMPT_FORMATS = ("auto", "chat", "raw")
 # stages that train on plain packed text; their checkpoints have never seen the chat template
@@ -91,6 +93,31 @@ def raw_prompt(messages: list[dict]) -> str:
     return "".join(parts)
 
 
+def run_stage(path: str) -> str:
+    """The training stage of a k25 run directory (its config.json), "hf" for anything else."""
+    cfg = os.path.join(path, "config.json")
+    if os.path.isdir(os.path.join(path, "checkpoints")) and os.path.exists(cfg):
+        with open(cfg) as f:
+            return json.load(f).get("stage", "lm")
+    return "hf"
+
+
+async def complete_raw(client: Any, text: str, *, temperature: float, top_p: float, max_tokens: int,
+                       seed: int | None, stop: list[str] | None) -> ChatResult:
+    """Continue bos + text with the sampler, stopping at eos: the prompt the pre-training stage trained on and
+    its held-out eval (`TextLMStage.evaluate`) decodes from."""
+    engine = client.engine
+    tok = engine.chat.tokenizer
+    ids = [tok.bos_id, *tok.encode(text)]
+    max_new = engine.check_length(len(ids), max_tokens)
+    (choice,) = await engine.generate(ids, n=1, max_tokens=max_new, temperature=temperature, top_p=top_p,
+                                      top_k=None, seed=seed, stop_ids=(tok.eos_id,), stop=list(stop or ()),
+                                      top_logprobs=0)
+    out = [t for t in choice.token_ids if t != tok.eos_id]
+    return ChatResult(assistant_message(tok.decode(out)), choice.finish_reason, prompt_ids=ids,
+                      token_ids=list(choice.token_ids), logprobs=list(choice.logprobs))
+
+
 class K25ModelAPI(ModelAPI):
     """inspect_ai ModelAPI over a ChatClient (the sampler for `k25/PATH`)."""
 
@@ -101,7 +128,7 @@ class K25ModelAPI(ModelAPI):
         if prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"k25 model arg prompt_format={prompt_format!r}; choose one of {PROMPT_FORMATS}.")
         if client is None:
-            client = self._load(model_name, **model_args)
+            client = self.load_client(model_name, **model_args)
         elif model_args:
             raise ValueError(f"k25 model args {sorted(model_args)} only apply when loading a checkpoint, "
                              "not with a ready `client`.")
@@ -111,19 +138,28 @@ class K25ModelAPI(ModelAPI):
         if prompt_format == "auto":
             stage = getattr(client, "stage", None)
             prompt_format = "raw" if stage in RAW_STAGES else "chat"
-        if prompt_format == "raw" and not callable(getattr(client, "complete", None)):
-            raise ValueError(f"prompt_format='raw' needs a client with `complete(prompt, ...)` (the sampler); "
+        if prompt_format == "raw" and getattr(client, "engine", None) is None:
+            raise ValueError(f"prompt_format='raw' needs the in-process sampler (a SamplerClient); "
                              f"{type(client).__name__} only chats.")
         self.prompt_format = prompt_format
 
     @staticmethod
-    def _load(path: str, **kwargs: Any) -> ChatClient:
-        try:
-            from k25.infer.client import SamplerClient  # type: ignore[attr-defined]
-        except ImportError as e:
-            raise RuntimeError("k25/PATH needs k25.infer.client.SamplerClient (the in-process sampler); pass "
-                               "-M client=... or serve the checkpoint and use --model openai/NAME.") from e
-        return SamplerClient.from_checkpoint(path, **kwargs)
+    def load_client(path: str, *, max_slots: int = 8, max_len: int = 2048, cache_dtype: str = "float32",
+                    thinking: bool = True) -> ChatClient:
+        """A SamplerClient over the checkpoint at `path` (a k25 run directory or an HF directory), with `stage`
+        set from the run's config ("hf" for an HF directory) so that prompt_format="auto" can choose."""
+        import jax.numpy as jnp
+
+        from k25.infer import Sampler
+        from k25.infer.client import SamplerClient
+        from k25.serve.load import load_checkpoint
+
+        model, chat = load_checkpoint(path)
+        sampler = Sampler(model, max_slots=int(max_slots), max_len=int(max_len), cache_dtype=getattr(jnp, cache_dtype))
+        client = SamplerClient(sampler, chat, model=path, thinking=thinking)
+        client.stage = run_stage(path)
+        client.max_slots = int(max_slots)
+        return client
 
     def max_connections(self) -> int:
         # the sampler batches concurrent requests itself; let inspect keep its slots busy
@@ -137,7 +173,7 @@ class K25ModelAPI(ModelAPI):
             top_p=1.0 if config.top_p is None else config.top_p,
             max_tokens=config.max_tokens or 512, seed=config.seed, stop=config.stop_seqs)
         if self.prompt_format == "raw":
-            result = await self.client.complete(raw_prompt(messages), **kwargs)  # type: ignore[attr-defined]
+            result = await complete_raw(self.client, raw_prompt(messages), **kwargs)
         else:
             offered = select_tools(tools, tool_choice)
             if config.reasoning_effort == "none":

@@ -3,7 +3,7 @@
     inspect eval k25/cbrne_uplift --model k25/RUN_DIR
     inspect eval k25/over_refusal --model openai/NAME -T judge=openai/JUDGE   # OPENAI_BASE_URL, JUDGE_BASE_URL
 
-`judge` is an inspect-style model name (`openai/NAME` or `k25/PATH`) or a ready `RubricJudge`; without one the
+`judge` is an inspect-style model name (`openai/NAME` or `k25/PATH`) or a ready `SafetyJudge`; without one the
 rule-based scorer decides. Every task runs unchanged against `k25/...` and `openai/...` models.
 """
 
@@ -13,18 +13,17 @@ from inspect_ai import Task, task
 from inspect_ai.model import GenerateConfig
 from inspect_ai.solver import generate
 
-from k25.eval.judge import RubricJudge, make_judge_client
 from k25.eval.safety.agentic import agentic_probe
 from k25.eval.safety.probes import dataset
-from k25.eval.safety.scorer import safety_scorer
+from k25.eval.safety.scorer import SafetyJudge, judge_client, safety_scorer
 
 MAX_TOKENS = 512  # enough to see whether a reply refuses or complies; the probes need no long answers
 
 
-def _judge(judge: str | RubricJudge | None) -> RubricJudge | None:
-    if judge is None or isinstance(judge, RubricJudge):
+def _judge(judge: str | SafetyJudge | None) -> SafetyJudge | None:
+    if judge is None or isinstance(judge, SafetyJudge):
         return judge
-    return RubricJudge(make_judge_client(judge))
+    return SafetyJudge(judge_client(judge))
 
 
 def _task(files: tuple[str, ...], judge, *, solver=None, max_tokens: int = MAX_TOKENS) -> Task:
