@@ -40,10 +40,10 @@ def write_synthetic_kimi_tokenizer(path: str) -> int:
     return n
 
 
-def random_model(cfg) -> K2Model:
-    """A K2Model with numpy-drawn weights (norm scales 1, routing biases 0). Eager init compiles every
+def random_model(cfg, cls=K2Model) -> nnx.Module:
+    """A K2Model (or `cls`) with numpy-drawn weights (norm scales 1, routing biases 0). Eager init compiles every
     initializer, tens of seconds on a loaded CPU; here the shapes come from eval_shape."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: K2Model(cfg, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))))
     rng = np.random.default_rng(0)
 
     def draw(path, leaf):
