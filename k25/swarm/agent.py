@@ -34,14 +34,15 @@ def estimate_tokens(messages: Sequence[Message]) -> int:
     return chars // 4 + 4 * len(messages)
 
 
-def tool_message(call_id: str, name: str, result: ToolResult) -> Message:
-    """The `tool` message answering one call. An error is shown to the model as `Error: ...`."""
+def tool_message(call_id: str, result: ToolResult) -> Message:
+    """The `tool` message answering one call (OpenAI's fields only: role, tool_call_id, content). An error is
+    shown to the model as `Error: ...`."""
     text = result.text or ""
     if result.error:
         text = f"Error: {result.error}" + (f"\n{text}" if text else "")
     if result.images:
         text += f"\n[{len(result.images)} image(s) returned]"
-    return {"role": "tool", "tool_call_id": call_id, "name": name, "content": text}
+    return {"role": "tool", "tool_call_id": call_id, "content": text}
 
 
 def _clean_assistant(message: Any) -> Message:
@@ -54,6 +55,9 @@ def _clean_assistant(message: Any) -> Message:
     calls = message.get("tool_calls") or []
     if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
         raise ValueError("assistant tool_calls must be a list of {id, type, function{name, arguments}}")
+    # a call without an id gets the Kimi-style one, so the history and its tool message agree
+    calls = [c if c.get("id") else {**c, "id": f"functions.{(c.get('function') or {}).get('name')}:{k}"}
+             for k, c in enumerate(calls)]
     out: Message = {"role": "assistant", "content": content}
     if message.get("reasoning_content"):
         out["reasoning_content"] = message["reasoning_content"]
@@ -65,16 +69,20 @@ def _clean_assistant(message: Any) -> Message:
 class Agent:
     """One agent run. Attributes are live, so a run cut off by a timeout still reports how far it got.
 
-    `status`: "running" | "done" (answered) | "step_limit" | "error" (the backend failed or answered
-    garbage) | "timeout" (set by the caller that cancelled it).
+    `status`: "running" | "done" (answered) | "step_limit" | "budget" (`out_of_budget()` said stop, e.g. the
+    critical-step budget is spent) | "error" (the backend failed or answered garbage) | "timeout" (set by
+    the caller that cancelled it). Malformed tool calls the backend reports (`invalid_tool_calls`, as the
+    chat format's parser returns them) are answered with an error tool message, like a bad call.
     """
 
     def __init__(self, client: ChatClient, system_prompt: str, task: str, tools: Sequence[Tool] | Toolset, *,
                  max_steps: int,
                  config: SwarmConfig, after_turn: TurnHook | None = None,
+                 out_of_budget: Callable[[], bool] | None = None,
                  count_tokens: Callable[[Sequence[Message]], int] = estimate_tokens) -> None:
         self.client, self.tools = client, Toolset(tools)
         self.max_steps, self.config, self.after_turn, self.count_tokens = max_steps, config, after_turn, count_tokens
+        self.out_of_budget = out_of_budget
         self.messages: list[Message] = [{"role": "system", "content": system_prompt},
                                         {"role": "user", "content": task}]
         self.steps = 0
@@ -84,10 +92,9 @@ class Agent:
         self.status = "running"
         self.error: str | None = None
 
-    async def _call(self, call: dict) -> tuple[str, str, ToolResult]:
+    async def _call(self, call: dict) -> tuple[str, ToolResult]:
         """One tool call; anything the model got wrong (unknown tool, bad JSON, schema) is an error result."""
-        name = (call.get("function") or {}).get("name") or ""
-        return call.get("id") or f"functions.{name}:{self.tool_calls}", name, await self.tools.dispatch(call)
+        return call["id"], await self.tools.dispatch(call)
 
     def _manage_context(self) -> None:
         if self.config.context == "discard_all" and len(self.messages) > 2 and \
@@ -116,14 +123,21 @@ class Agent:
             self.steps += 1
             self.messages.append(message)
             calls = message.get("tool_calls") or []
-            if calls:
-                self.tool_calls += len(calls)
+            invalid = [c for c in result.message.get("invalid_tool_calls") or () if isinstance(c, dict)]
+            if calls or invalid:
+                self.tool_calls += len(calls) + len(invalid)
                 results = await asyncio.gather(*(self._call(c) for c in calls))
-                self.messages += [tool_message(cid, name, res) for cid, name, res in results]
+                self.messages += [tool_message(cid, res) for cid, res in results]
+                self.messages += [tool_message(c.get("id") or f"invalid:{k}",
+                                               ToolResult(error=f"malformed tool call: {c.get('error')}"))
+                                  for k, c in enumerate(invalid)]
             if self.after_turn is not None:
                 self.after_turn(self.steps, calls)
-            if not calls:
+            if not (calls or invalid):
                 self.answer, self.status = message.get("content") or "", "done"
+                return self
+            if self.out_of_budget is not None and self.out_of_budget():
+                self.status = "budget"
                 return self
         self.status = "step_limit"
         return self

@@ -23,6 +23,10 @@ class SwarmConfig:
     `context="discard_all"` (the DeepSeek-V3.2 strategy Appendix E uses for BrowseComp): once an agent's
     context passes `context_max_tokens`, everything after its system prompt and task is dropped and it goes
     on from there; the step count is not reset.
+    `max_critical_steps` budgets the episode in critical steps (§3: training and evaluation are constrained
+    by critical steps, not total steps): the orchestrator stops once the budget is spent, and a subagent
+    launched with B critical steps left gets at most B - 2 steps (one for the turn that launches it, one kept
+    for the orchestrator's answer); with none left, `assign_task` answers an error instead of running it.
     """
 
     main_max_steps: int = 100
@@ -33,6 +37,7 @@ class SwarmConfig:
     sub_timeout_s: float = 600.0  # wall time of one subagent run; past it the task is reported as failed
     episode_timeout_s: float = 3600.0
     max_subagents: int = 100  # create_subagent calls allowed per episode
+    max_critical_steps: int | None = None  # the episode's critical-step budget (None: only the step limits)
     temperature: float = 1.0  # Appendix E's protocol: temperature 1.0, top-p 0.95
     top_p: float = 0.95
     max_tokens: int = 4096  # completion tokens per turn
@@ -44,6 +49,8 @@ class SwarmConfig:
                 raise ValueError(f"SwarmConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.context not in CONTEXT_MODES:
             raise ValueError(f"SwarmConfig.context must be one of {CONTEXT_MODES}, got {self.context!r}")
+        if self.max_critical_steps is not None and self.max_critical_steps < 1:
+            raise ValueError(f"SwarmConfig.max_critical_steps must be >= 1 or None, got {self.max_critical_steps}")
         if self.sub_timeout_s <= 0 or self.episode_timeout_s <= 0:
             raise ValueError("SwarmConfig.sub_timeout_s and episode_timeout_s must be > 0")
 

@@ -39,7 +39,7 @@ class EpisodeTrace:
     mode: str  # "swarm" | "single"
     task: str
     answer: str = ""
-    status: str = "running"  # done | step_limit | error | timeout
+    status: str = "running"  # done | step_limit | budget | error | timeout
     error: str | None = None
     stages: list[dict] = dataclasses.field(default_factory=list)
     context_resets: int = 0
@@ -101,7 +101,14 @@ class AssignTask(_SwarmTool):
             return ToolResult(error=f"assign_task: no subagent named {name!r}; create it first with "
                                     f"create_subagent (existing: {sorted(session.agents)})")
         cfg = session.config
-        agent = Agent(session.subagent, session.agents[name], prompt, session.tools, max_steps=cfg.sub_max_steps,
+        max_steps = cfg.sub_max_steps
+        if cfg.max_critical_steps is not None:  # keep one step for the orchestrator's answer after the wave
+            left = cfg.max_critical_steps - session.spent() - 1
+            if left < 1:
+                return ToolResult(error=f"assign_task: the critical-step budget ({cfg.max_critical_steps}) leaves no "
+                                        f"step for a subagent; answer with what you have")
+            max_steps = min(max_steps, left)
+        agent = Agent(session.subagent, session.agents[name], prompt, session.tools, max_steps=max_steps,
                       config=cfg)
         record: dict[str, Any] = {"agent": name, "prompt": prompt}
         session.pending.append(record)  # before the first await: records keep the order of the calls
@@ -112,7 +119,7 @@ class AssignTask(_SwarmTool):
         if agent.status == "done" and not agent.answer.strip():
             agent.status, agent.error = "error", "returned an empty answer"
         elif agent.status == "step_limit":
-            agent.error = f"reached its step limit ({cfg.sub_max_steps} steps) without a final answer"
+            agent.error = f"reached its step limit ({max_steps} steps) without a final answer"
         record.update(steps=agent.steps, tool_calls=agent.tool_calls, status=agent.status, error=agent.error,
                       answer=agent.answer, context_resets=agent.context_resets)
         if session.keep_messages:
@@ -129,6 +136,13 @@ class _Session:
         self.subagent, self.tools, self.config, self.keep_messages = subagent, list(tools), config, keep_messages
         self.agents: dict[str, str] = {}
         self.pending: list[dict] = []
+        self.spent = lambda: 0  # critical steps spent so far, the current orchestrator turn included
+
+
+def _budget(trace: EpisodeTrace, config: SwarmConfig):
+    if config.max_critical_steps is None:
+        return None
+    return lambda: trace.critical_steps >= config.max_critical_steps
 
 
 async def _episode(agent: Agent, trace: EpisodeTrace, timeout_s: float) -> EpisodeTrace:
@@ -157,9 +171,10 @@ async def run_swarm(task: str, *, orchestrator: ChatClient, subagent: ChatClient
                              "tool_calls": [(c.get("function") or {}).get("name") for c in calls],
                              "subagents": runs})
 
+    session.spent = lambda: trace.critical_steps + 1
     swarm_tools = [CreateSubagent(CREATE_SUBAGENT, session), AssignTask(ASSIGN_TASK, session)]
     agent = Agent(orchestrator, system_prompt, task, [*tools, *swarm_tools], max_steps=config.main_max_steps,
-                  config=config, after_turn=after_turn)
+                  config=config, after_turn=after_turn, out_of_budget=_budget(trace, config))
     return await _episode(agent, trace, config.episode_timeout_s)
 
 
@@ -178,5 +193,5 @@ async def run_single(task: str, *, agent: ChatClient, tools: Sequence[Tool] = ()
                              "subagents": []})
 
     loop = Agent(agent, system_prompt, task, tools, max_steps=config.single_max_steps, config=config,
-                 after_turn=after_turn)
+                 after_turn=after_turn, out_of_budget=_budget(trace, config))
     return await _episode(loop, trace, config.episode_timeout_s)

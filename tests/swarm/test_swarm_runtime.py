@@ -219,3 +219,40 @@ def test_discard_all_resets_the_context_and_keeps_counting_steps():
     nothing = asyncio.run(run_single("t", agent=ScriptedClient(fn), tools=[Big()],
                                      config=SwarmConfig(single_max_steps=3), system_prompt="s"))
     assert nothing.status == "step_limit" and nothing.context_resets == 0
+
+
+def test_critical_step_budget_bounds_orchestrator_and_subagents():
+    from k25.swarm.policies import scripted_policy
+    from k25.swarm.tasks import SwarmEnv
+
+    env = SwarmEnv(0)
+    task = env.tasks("wide_search", "heldout", 1)[0]
+    policy = scripted_policy()
+    single = asyncio.run(run_single(task.prompt, agent=ScriptedClient(policy), tools=env.tools(),
+                                    config=SwarmConfig(max_critical_steps=5)))
+    assert single.status == "budget" and single.critical_steps == 5
+    cfg = SwarmConfig(max_critical_steps=8)
+    swarm = asyncio.run(run_swarm(task.prompt, orchestrator=ScriptedClient(policy), subagent=ScriptedClient(policy),
+                                  tools=env.tools(), config=cfg))
+    # search+create (1), open the registry (1), a wave whose subagents get 8 - 3 - 1 = 4 steps and cannot finish
+    # 4 companies (9 steps), then the retry is refused: no budget is left for a subagent
+    assert [s["sub_steps"] for s in swarm.stages][:3] == [[], [], [4] * len(swarm.stages[2]["sub_steps"])]
+    assert all(r["status"] == "step_limit" for r in swarm.subagents)
+    assert swarm.critical_steps <= 8
+    refused = [m["content"] for m in swarm.messages if m["role"] == "tool" and "leaves no step" in m["content"]]
+    assert refused
+    with pytest.raises(ValueError, match="max_critical_steps"):
+        SwarmConfig(max_critical_steps=0)
+
+
+def test_malformed_tool_calls_are_answered_not_final():
+    def fn(messages, tools):
+        if len(messages) == 2:
+            return {"content": None, "invalid_tool_calls": [
+                {"id": None, "type": "function", "function": {"name": None, "arguments": ""},
+                 "error": "the tool-call section is not closed"}]}
+        return "recovered"
+    trace = asyncio.run(run_single("t", agent=ScriptedClient(fn), tools=[Echo()], system_prompt="s"))
+    assert trace.status == "done" and trace.answer == "recovered" and trace.main_steps == 2
+    assert trace.messages[3] == {"role": "tool", "tool_call_id": "invalid:0",
+                                 "content": "Error: malformed tool call: the tool-call section is not closed"}
