@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
-import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -25,7 +23,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-from k25.hf.files import write_safetensors
 from k25.hf.layout import to_saved_layout
 from k25.hf.plan import Placement, assemble
 from k25.hf.text import config_from_hf, config_to_hf, text_params_to_hf, text_plan
@@ -280,11 +277,3 @@ def k25_tensors(model: nnx.Module, layout: str = "transformers") -> Iterator[tup
     text = text_params_to_hf(state["language_model"], cfg.text_config, prefix="model.language_model.")
     tensors = itertools.chain(text, vision_params_to_hf(state, cfg).items())
     return to_saved_layout(tensors, cfg.vision_config.num_attention_heads, layout)
-
-
-def save_k25(model: nnx.Module, path: str, max_shard_bytes: int = 5 << 30, layout: str = "transformers") -> None:
-    """Write a K25Model as a directory `Kimi_K25ForConditionalGeneration.from_pretrained` loads."""
-    cfg: K25Config = model.cfg
-    write_safetensors(k25_tensors(model, layout), path, max_shard_bytes, dtype=cfg.text_config.param_dtype)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(k25_config_to_hf(cfg), f, indent=2)

@@ -113,20 +113,27 @@ def load(path: str, *, mesh: Mesh | None = None, progress: bool = False, on_read
     return nnx.merge(graphdef, state)
 
 
-def save(model: nnx.Module, path: str, max_shard_bytes: int = 5 << 30, layout: str = "transformers") -> None:
+def save(model: nnx.Module, path: str, max_shard_bytes: int = 5 << 30, layout: str = "transformers",
+         progress: bool = False) -> None:
     """Write `model` as an HF checkpoint directory (config.json + safetensors) that transformers loads.
 
     K2.5 models are written in the original layout `save_pretrained` writes (`layout="transformers"`) or
     with the release's spelling of its three differing names (`layout="released"`, see k25/hf/layout.py).
+    Weights are written unquantized in the model's weight dtype. `progress` shows a bar over the tensors.
     """
     if hasattr(model, "vision_tower"):
-        from k25.hf_vision import save_k25
+        from k25.hf_vision import k25_config_to_hf, k25_tensors
 
-        save_k25(model, path, max_shard_bytes=max_shard_bytes, layout=layout)
-        return
-    cfg = model.cfg
-    state = nnx.to_pure_dict(nnx.state(model))
+        tensors, dtype, config = k25_tensors(model, layout), model.cfg.text_config.param_dtype, k25_config_to_hf(
+            model.cfg)
+    else:
+        tensors = text_params_to_hf(nnx.to_pure_dict(nnx.state(model)), model.cfg)
+        dtype, config = model.cfg.param_dtype, config_to_hf(model.cfg)
+    if progress:
+        from tqdm import tqdm
+
+        tensors = tqdm(tensors, desc="tensors", unit="t", dynamic_ncols=True)
     os.makedirs(path, exist_ok=True)
-    write_safetensors(text_params_to_hf(state, cfg), path, max_shard_bytes, dtype=cfg.param_dtype)
+    write_safetensors(tensors, path, max_shard_bytes, dtype=dtype)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config_to_hf(cfg), f, indent=2)
+        json.dump(config, f, indent=2)

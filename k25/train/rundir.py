@@ -1,0 +1,110 @@
+"""A model in a k25 run directory: written by `experiments.convert` (from an HF checkpoint), read back from any run.
+
+The layout is the training runtime's (k25/train/checkpoint.py): `DIR/config.json` and orbax checkpoints under
+`DIR/checkpoints/<step>/{state,data,meta}` whose `state` holds `params` and `buffers` pure dicts (a trained
+run's state also holds the optimizer state; readers take only the model). So `--config.init_from=DIR` (which
+reads `state["params"][part]`, see k25/train/vit_coca.py) and anything that restores a run's model accept a
+converted directory like a trained one.
+
+config.json carries what rebuilds the model: `model_config` ({"kind": "k2" | "k25", "config": the K2Config /
+K25Config dict}), and the experiment-style fields the stages read (`stage`, `model` for the text LM stage;
+`lm` + `vision` for the K2.5 stages).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from k25.model.config import K2Config
+from k25.model.vision_config import K25Config, MoonViTConfig
+from k25.train.checkpoint import Checkpointer
+from k25.train.state import split_model
+
+
+def is_run_dir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def model_config(config: dict[str, Any]) -> K2Config | K25Config:
+    """The model config of a run's config.json (converted or trained)."""
+    if "model_config" in config:
+        kind, d = config["model_config"]["kind"], config["model_config"]["config"]
+        return K25Config.from_dict(d) if kind == "k25" else K2Config.from_dict(d)
+    if "lm" in config and "vision" in config:  # the K2.5 stages build K25Config this way
+        vision = MoonViTConfig.from_dict(config["vision"])
+        return K25Config(text_config=K2Config.from_dict(config["lm"]), vision_config=vision,
+                         projection_hidden_size=vision.hidden_size).validate()
+    if "model" in config:
+        return K2Config.from_dict(config["model"])
+    raise ValueError("config.json of the run holds no model config (model_config, model, or lm + vision); "
+                     "this run trains no K2 / K2.5 model.")
+
+
+def write_model_run(model: nnx.Module, workdir: str, source: str | None = None) -> str:
+    """Write `model` as a run directory (step 0). Returns the checkpoint step directory."""
+    cfg = model.cfg
+    if is_run_dir(workdir) and os.listdir(os.path.join(workdir, "checkpoints")):
+        raise FileExistsError(f"{workdir} already holds checkpoints; convert into a new directory.")
+    os.makedirs(workdir, exist_ok=True)
+    if isinstance(cfg, K25Config):
+        config = {"stage": "k25", "lm": cfg.text_config.to_dict(), "vision": cfg.vision_config.to_dict(),
+                  "model_config": {"kind": "k25", "config": cfg.to_dict()}}
+    else:
+        config = {"stage": "lm", "model": cfg.to_dict(), "model_config": {"kind": "k2", "config": cfg.to_dict()}}
+    if source:
+        config["converted_from"] = os.path.abspath(source)
+    _, params, buffers = split_model(model)
+    ckpt = Checkpointer(workdir, max_to_keep=1, async_save=False)
+    try:
+        ckpt.save(0, {"params": params, "buffers": buffers}, {}, {"step": 0, "source": config.get("converted_from")},
+                  force=True)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config, f, indent=1, default=str)
+    return os.path.join(ckpt.directory, "0")
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_model_run(workdir: str, step: int | None = None) -> nnx.Module:
+    """The model of a run directory's checkpoint (default: the latest), on the default device."""
+    from k25.hf.text import model_from_state
+
+    with open(os.path.join(workdir, "config.json")) as f:
+        cfg = model_config(json.load(f))
+    ckpt = Checkpointer(workdir, async_save=False)
+    step = ckpt.latest_step() if step is None else step
+    ckpt.close()
+    if step is None:
+        raise ValueError(f"{workdir}: no checkpoint under checkpoints/.")
+    state = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(workdir), "checkpoints", str(step),
+                                                            "state"))
+    pure = jax.tree.map(np.asarray, _merge(state["params"], state.get("buffers", {})))
+    if isinstance(cfg, K25Config):
+        from k25.model.k25 import K25Model
+
+        return model_from_state(cfg, pure, model_cls=K25Model)
+    return model_from_state(cfg, pure)
+
+
+def load_model(path: str, **kw: Any) -> nnx.Module:
+    """A k25 model from a run directory (converted or trained) or an HF checkpoint directory."""
+    if is_run_dir(path):
+        return read_model_run(path)
+    from k25 import hf
+
+    return hf.load(path, **kw)
