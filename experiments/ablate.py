@@ -60,8 +60,8 @@ def run_all(name: str, seeds: int, workdir: str, variant: str = "", overrides: t
     if unknown:
         raise ValueError(f"--arms {unknown} are not arms of {name}; choose from {list(module.ARMS)}.")
     ran = []
-    for arm in arms or module.ARMS:
-        for seed in range(seeds):
+    for seed in range(seeds):  # seed-major: every arm of seed 0 finishes before any seed 1 run starts
+        for arm in arms or module.ARMS:
             path = run_dir(workdir, arm, seed)
             if finished(path, module.COLUMNS):
                 continue

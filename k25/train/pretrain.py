@@ -19,7 +19,9 @@ from k25.model.config import K2Config
 from k25.model.decoder import K2Model
 from k25.model.params import count_params
 from k25.train.generate import greedy_decode
+from k25.train.init_from import copy_into, latest_params
 from k25.train.pipelined_lm import pipeline_settings, pipelined_decoder_loss
+from k25.train.retrieval_eval import RetrievalEval
 from k25.train.step import StepConfig
 
 
@@ -55,9 +57,18 @@ class TextLMStage:
             raise ValueError(f"config.model.vocab_size={self.model_cfg.vocab_size} is smaller than the tokenizer's "
                              f"vocabulary ({self.tokenizer.vocab_size}); raise config.model.vocab_size.")
         self.pipeline = pipeline_settings(config, self.model_cfg)
+        # Long-context runs: passkey / multi-key retrieval evals, and phases chained by `init_from`
+        self.retrieval = RetrievalEval(config.retrieval_eval, self.tokenizer) if config.get("retrieval_eval") else None
+        self.init_params = latest_params(config.get("init_from", ""), "config.init_from")
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        return K2Model(self.model_cfg, rngs=rngs)
+        """A fresh K2Model, or (with `config.init_from`, a finished run's workdir) that run's latest weights,
+        e.g. to continue a text model with another sequence length or RoPE scaling (the rope tables are not
+        weights, so YaRN applies to the loaded model unchanged)."""
+        model = K2Model(self.model_cfg, rngs=rngs)
+        if self.init_params:
+            copy_into(model, self.init_params, "config.init_from")
+        return model
 
     def param_counts(self) -> dict[str, int]:
         return count_params(self.model_cfg)
@@ -102,4 +113,6 @@ class TextLMStage:
             metrics[f"eval/{task}_exact"] = float(np.mean(hits))
         if sets:
             metrics["eval/mean_exact"] = float(np.mean([metrics[f"eval/{t}_exact"] for t in sets]))
+        if self.retrieval is not None:
+            metrics.update(self.retrieval(model))
         return metrics
