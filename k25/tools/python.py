@@ -169,7 +169,7 @@ class PythonSandbox:
             for path in (self._tmp, host_work):
                 os.chown(path, uid, uid)
         config = dict(self._config, root_dir=root_dir, host_workdir=host_work, lifeline_fd=life_r,
-                      uid=1_000_000_000 + self._proc.pid)
+                      uid=1_000_000_000 + self._proc.pid, inherited_fds=(req_r, resp_w, life_r))
         try:
             send_msg(req_w, {"op": "init", "config": config})
             header, _ = recv_msg(resp_r, deadline=time.monotonic() + self.startup_timeout_s, max_header=1 << 20)
@@ -204,11 +204,10 @@ class PythonSandbox:
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
-            if proc.poll() is None:
-                try:
-                    os.kill(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            try:  # its process group: the waiter and the sandbox inside its PID namespace
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:

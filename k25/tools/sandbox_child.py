@@ -76,9 +76,12 @@ def recv_msg(fd: int, *, deadline: float | None = None, max_header: int = 64 << 
 
 
 # ---------------------------------------------------------------------------------------------- isolation
-CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x08000000, 0x10000000, 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
-PR_SET_NO_NEW_PRIVS = 38
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = (
+    0x00020000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, \
+    MS_RELATIME = 1, 2, 4, 8, 32, 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 1, 24, 38, 47, 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 WORKDIR_IN_CHROOT = "/sandbox"
 DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
 
@@ -137,7 +140,11 @@ def _build_root(root: str, disk_mb: int, uid: int) -> None:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             open(dst, "a").close()
         _mount(src, dst, None, MS_BIND | MS_REC)
-        _mount(None, dst, None, MS_BIND | MS_REMOUNT | MS_NOSUID | (MS_RDONLY if read_only else 0))
+        # a remount must keep the source's flags: inside a user namespace they are locked, and clearing one fails
+        f = os.statvfs(src).f_flag
+        kept = sum(ms for st, ms in ((os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC), (os.ST_NOATIME, MS_NOATIME),
+                                     (os.ST_NODIRATIME, MS_NODIRATIME), (os.ST_RELATIME, MS_RELATIME)) if f & st)
+        _mount(None, dst, None, MS_BIND | MS_REMOUNT | MS_NOSUID | kept | (MS_RDONLY if read_only else 0))
 
     bind("/usr")
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
@@ -191,6 +198,61 @@ def world_readable(module: str) -> bool:
         return False
 
 
+def _map_user(uid: int, gid: int) -> None:
+    """In a fresh user namespace: map our own uid/gid (read before the unshare: unmapped, they read as the
+    overflow id) to themselves, not to 0, so an exec could not regain capabilities as root of the namespace."""
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+
+
+def _drop_capabilities() -> None:
+    """Give up the capabilities the creator of a user namespace holds in it (else CAP_SYS_CHROOT would let
+    code leave the chroot): the bounding and ambient sets, then effective/permitted/inheritable."""
+    ctypes, libc = _libc()
+    cap = 0
+    while libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
+        cap += 1
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} words, all zero
+    if libc.capset(header, data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
+
+
+def _fork_into_pid_namespace(keep_fds: tuple[int, ...], scratch: str) -> None:
+    """After unshare(CLONE_NEWPID) only children enter the new namespace: fork once. The child (PID 1 there)
+    returns and becomes the sandbox; it can name, and so signal, no process outside. This process stays
+    as its waiter, removes the host scratch directory (even when the parent died without closing), and exits
+    the way the child did, so the parent sees the real exit status or signal."""
+    pid = os.fork()
+    if pid == 0:
+        ctypes, libc = _libc()
+        # the parent's hard kill hits the whole process group; this covers a waiter killed any other way
+        # (getppid() is 0 here: the waiter lives outside this namespace)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        return
+    for fd in keep_fds:
+        os.close(fd)
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    import shutil
+
+    if not os.path.ismount(os.path.join(scratch, "root")):  # the chroot's mounts live in the child's namespace
+        shutil.rmtree(scratch, ignore_errors=True)
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        os._exit(128 + sig)
+    os._exit(os.waitstatus_to_exitcode(status))
+
+
 def _start_lifeline(fd: int) -> None:
     """Exit as soon as the parent is gone (its end of this pipe closes), even while user code runs."""
 
@@ -216,29 +278,38 @@ def isolate(cfg: dict) -> dict:
     workdir = cfg["host_workdir"]
     chrooted = False
     uid = cfg.get("uid") or (1_000_000_000 + os.getpid())  # unique per live sandbox: sandboxes cannot signal each other
+    in_userns = False
     if cfg["os_isolation"]:
-        if root:
-            err = _unshare(CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWIPC)  # IPC: no SysV objects shared with the host
-            if err is None:
-                report["network"] = "netns"
-                report["ipc"] = "ipcns"
-                try:
-                    _build_root(cfg["root_dir"], cfg["disk_mb"], uid)
-                    os.chroot(cfg["root_dir"])
-                    workdir, chrooted = WORKDIR_IN_CHROOT, True
-                    report["filesystem"] = "chroot"
-                except OSError as e:
-                    report["notes"].append(f"chroot unavailable ({e}); files guarded by the audit hook only")
-            else:
-                report["notes"].append(f"unshare(NEWNET|NEWNS|NEWIPC) failed ({err})")
-                if _unshare(CLONE_NEWNET) is None:
-                    report["network"] = "netns"
+        # 1. PIDs (and, without root, a user namespace of our own, in which the rest is allowed): only children
+        #    enter a new PID namespace, so fork; this process stays outside as the waiter, in the host's mounts.
+        outer_uid, outer_gid = os.getuid(), os.getgid()
+        err = _unshare(CLONE_NEWPID | (0 if root else CLONE_NEWUSER))
+        if err is None:
+            if not root:
+                _map_user(outer_uid, outer_gid)
+                uid, in_userns = outer_uid, True
+            report["pids"] = "pidns"
+            _fork_into_pid_namespace(cfg["inherited_fds"], os.path.dirname(cfg["root_dir"]))
         else:
-            err = _unshare(CLONE_NEWUSER | CLONE_NEWNET)
-            if err is None:
-                report["network"] = "userns+netns"
-            else:
-                report["notes"].append(f"unprivileged user+network namespace unavailable ({err})")
+            report["notes"].append(f"no PID namespace ({err})")
+            if not root and _unshare(CLONE_NEWUSER) is None:
+                _map_user(outer_uid, outer_gid)
+                uid, in_userns = outer_uid, True
+        # 2. network, mounts and SysV IPC, then the chroot
+        err = _unshare(CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWIPC)
+        if err is None:
+            report.update(network="netns", ipc="ipcns")
+            try:
+                _build_root(cfg["root_dir"], cfg["disk_mb"], uid)
+                os.chroot(cfg["root_dir"])
+                workdir, chrooted = WORKDIR_IN_CHROOT, True
+                report["filesystem"] = "chroot"
+            except OSError as e:
+                report["notes"].append(f"chroot unavailable ({e}); files guarded by the audit hook only")
+        else:
+            report["notes"].append(f"unshare(NEWNET|NEWNS|NEWIPC) failed ({err})")
+            if _unshare(CLONE_NEWNET) is None:
+                report["network"] = "netns"
     os.chdir(workdir)
     if root and cfg["os_isolation"]:
         unreadable = [] if chrooted else ["the library prefixes (no chroot)"]
@@ -273,10 +344,15 @@ def isolate(cfg: dict) -> dict:
         os.setgid(uid)
         os.setuid(uid)
         report["user"] = f"uid {uid}"
+    elif in_userns:
+        _drop_capabilities()
+        report["user"] = f"uid {uid} in a user namespace, no capabilities"
     if cfg["os_isolation"]:
         ctypes, libc = _libc()
         if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0:
             report["no_new_privs"] = True
+        if report.get("pids") == "pidns":
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # again: a uid change clears it
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the file-size limit fail with EFBIG instead
     report["workdir"] = workdir
     report["audit_hook"] = bool(cfg["audit_hook"])
@@ -574,7 +650,8 @@ def main() -> None:
     try:
         report = isolate(cfg)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which refuses to use this process
-        send_msg(resp_fd, {"op": "failed", "error": f"{type(e).__name__}: {e}"})
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        send_msg(resp_fd, {"op": "failed", "error": f"{type(e).__name__}: {e} (in {where.name}, line {where.lineno})"})
         raise SystemExit(3) from None
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.signal(signal.SIGXCPU, _on_xcpu)

@@ -121,7 +121,7 @@ def test_crash_is_replaced_with_a_clear_error():
         pid = sb._proc.pid
         r = sb.run("import os; os._exit(5)")
         assert r.error.startswith("SandboxError: the Python process exited with code 5; the session was restarted")
-        r = sb.run("import faulthandler; faulthandler._sigsegv()")  # the restarted process crashes too
+        r = sb.run("import faulthandler; faulthandler._read_null()")  # the restarted process crashes too
         assert "terminated by SIGSEGV" in r.error
         r = sb.run("'keep' in globals()")
         assert r.text.startswith("[the Python session had stopped and was restarted")
@@ -219,12 +219,13 @@ def test_sandbox_dies_with_its_parent(tmp_path):
         from k25.tools import PythonSandbox
         sb = PythonSandbox(timeout_s=30, memory_mb=512)
         sb.start()
-        print(sb._proc.pid, flush=True)
+        print(sb._proc.pid, sb._tmp, flush=True)
         sb.run("import time")
         os._exit(0)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    pid = int(out.stdout.strip())
+    pid, scratch = out.stdout.split()
+    pid = int(pid)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -236,6 +237,8 @@ def test_sandbox_dies_with_its_parent(tmp_path):
         time.sleep(0.05)
     else:
         pytest.fail(f"sandbox process {pid} outlived its parent")
+    if os.geteuid() == 0:  # with a PID namespace the sandbox's waiter removes its scratch directory
+        assert not os.path.exists(scratch)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"audit_hook": False}, {"os_isolation": False}],
