@@ -19,7 +19,7 @@ import asyncio
 import dataclasses
 import datetime
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from k25.infer.client import ChatClient
@@ -72,7 +72,7 @@ class EpisodeTrace:
 class _SwarmTool(Tool):
     """A swarm tool bound to one episode's session; name, description and parameters from Appendix E."""
 
-    def __init__(self, spec: dict, session: _Session) -> None:
+    def __init__(self, spec: dict, session: SwarmSession) -> None:
         self.name, self.description, self.parameters = spec["name"], spec["description"], spec["parameters"]
         self.session = session
 
@@ -108,7 +108,7 @@ class AssignTask(_SwarmTool):
                 return ToolResult(error=f"assign_task: the critical-step budget ({cfg.max_critical_steps}) leaves no "
                                         f"step for a subagent; answer with what you have")
             max_steps = min(max_steps, left)
-        agent = Agent(session.subagent, session.agents[name], prompt, session.tools, max_steps=max_steps,
+        agent = Agent(session.subagent, session.agents[name], prompt, session.tools_, max_steps=max_steps,
                       config=cfg)
         record: dict[str, Any] = {"agent": name, "prompt": prompt}
         session.pending.append(record)  # before the first await: records keep the order of the calls
@@ -129,14 +129,29 @@ class AssignTask(_SwarmTool):
         return ToolResult(text=agent.answer)
 
 
-class _Session:
-    """Per-episode state of the swarm tools: the created agents and the subagent runs of the current turn."""
+class SwarmSession:
+    """Per-episode state of the swarm tools: the created agents and the subagent runs of the current turn.
 
-    def __init__(self, subagent: ChatClient, tools: Sequence, config: SwarmConfig, keep_messages: bool) -> None:
-        self.subagent, self.tools, self.config, self.keep_messages = subagent, list(tools), config, keep_messages
+    `tools()` are `create_subagent` and `assign_task` bound to this session; after each orchestrator turn,
+    `stage(calls)` turns the runs that turn launched into its trace stage. `spent()` reports the critical
+    steps spent so far, the current turn included (for `SwarmConfig.max_critical_steps`). Used by `run_swarm`
+    and by PARL's token-level environment (k25/swarm/parl.py).
+    """
+
+    def __init__(self, subagent: ChatClient, tools: Sequence, config: SwarmConfig, keep_messages: bool = False
+                 ) -> None:
+        self.subagent, self.tools_, self.config, self.keep_messages = subagent, list(tools), config, keep_messages
         self.agents: dict[str, str] = {}
         self.pending: list[dict] = []
-        self.spent = lambda: 0  # critical steps spent so far, the current orchestrator turn included
+        self.spent: Callable[[], int] = lambda: 1
+
+    def tools(self) -> list[Tool]:
+        return [CreateSubagent(CREATE_SUBAGENT, self), AssignTask(ASSIGN_TASK, self)]
+
+    def stage(self, calls: Sequence[dict]) -> dict:
+        runs, self.pending = self.pending, []
+        return {"main_steps": 1, "sub_steps": [r["steps"] for r in runs],
+                "tool_calls": [(c.get("function") or {}).get("name") for c in calls], "subagents": runs}
 
 
 def _budget(trace: EpisodeTrace, config: SwarmConfig):
@@ -162,18 +177,14 @@ async def run_swarm(task: str, *, orchestrator: ChatClient, subagent: ChatClient
                     keep_messages: bool = False) -> EpisodeTrace:
     """One Agent Swarm episode on `task`; `tools` are the environment's (given to orchestrator and subagents)."""
     config = config or SwarmConfig()
-    session = _Session(subagent, tools, config, keep_messages)
+    session = SwarmSession(subagent, tools, config, keep_messages)
     trace = EpisodeTrace(mode="swarm", task=task)
 
     def after_turn(step: int, calls: list[dict]) -> None:
-        runs, session.pending = session.pending, []
-        trace.stages.append({"main_steps": 1, "sub_steps": [r["steps"] for r in runs],
-                             "tool_calls": [(c.get("function") or {}).get("name") for c in calls],
-                             "subagents": runs})
+        trace.stages.append(session.stage(calls))
 
     session.spent = lambda: trace.critical_steps + 1
-    swarm_tools = [CreateSubagent(CREATE_SUBAGENT, session), AssignTask(ASSIGN_TASK, session)]
-    agent = Agent(orchestrator, system_prompt, task, [*tools, *swarm_tools], max_steps=config.main_max_steps,
+    agent = Agent(orchestrator, system_prompt, task, [*tools, *session.tools()], max_steps=config.main_max_steps,
                   config=config, after_turn=after_turn, out_of_budget=_budget(trace, config))
     return await _episode(agent, trace, config.episode_timeout_s)
 

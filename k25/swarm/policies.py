@@ -30,6 +30,7 @@ _BORN = re.compile(r"born (?:in )?(\d{4})")
 _POPULATION = re.compile(r"Population: (\d+)")
 _ENTRY = re.compile(r"Entry \d+: (.+?) paid (\d+) crowns")
 
+_FAILED = ("Error:", "task failed:", "assign_task:")  # a failed subtask, as the runtime or AgentEnv shows it
 _WIDE_ALL = re.compile(r"every company in the (.+?) sector")
 _WIDE_SOME = re.compile(r"the following companies: (.+?)\. Columns")
 _DEEP_ALL = re.compile(r"Which of these companies (has the oldest chief executive|is headquartered in the most "
@@ -236,7 +237,7 @@ class ScriptedOrchestrator:
             if name == "assign_task":
                 p = args.get("prompt", "")
                 tries[p] = tries.get(p, 0) + 1
-                if not text.startswith("Error:"):
+                if not text.startswith(_FAILED):
                     results[p] = text
         todo = [p for p in prompts if p not in results and tries.get(p, 0) < 2]
         if todo:

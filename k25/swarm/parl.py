@@ -1,0 +1,134 @@
+"""PARL (report §3): the orchestrator's reward and its token-level environment for the RL trainer.
+
+    r_PARL(x, y) = λ1 · r_parallel + λ2 · r_finish + r_perf,   λ1, λ2 annealed to 0 over training.
+
+The report names the terms but gives no formulas; ours (fields of `ParlRewardConfig`):
+- r_parallel, the instantiation reward against serial collapse: min(1, subagents launched / parallel_target);
+- r_finish, the sub-agent finish rate against spurious parallelism: subtasks finished / subtasks launched
+  (0 when none was launched), where finished means the subagent answered (not an error, timeout or step
+  limit, and not an empty answer);
+- r_perf, the task-level outcome: the task's score (item F1 for wide search, exact match otherwise).
+λ1 and λ2 fall linearly (optax.linear_schedule) from their initial values to 0 at `anneal_steps`.
+
+`ParlEnv` is `k25.rl.env.AgentEnv` with the swarm tools: the orchestrator's turns are token ids (what the
+trainer learns from); `assign_task` runs frozen subagents through a `ChatClient`, so their tokens never enter
+the orchestrator's trajectory (only their final messages do, as tool results with loss mask 0). Budgets are
+in critical steps: the episode ends once `SwarmConfig.max_critical_steps` is spent, and subagents get what
+is left of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import optax
+
+from k25.infer.client import ChatClient
+from k25.rl.env import AgentEnv, Task, TurnFormat
+from k25.rl.rewards import RewardResult
+from k25.swarm.config import SwarmConfig
+from k25.swarm.critical import critical_steps
+from k25.swarm.orchestrator import SwarmSession
+from k25.swarm.prompts import ORCHESTRATOR_SYSTEM_PROMPT
+from k25.swarm.tasks import SwarmTask
+from k25.tools.base import Tool, Toolset
+
+
+@dataclasses.dataclass(frozen=True)
+class ParlRewardConfig:
+    lambda1: float = 0.2  # initial weight of r_parallel
+    lambda2: float = 0.2  # initial weight of r_finish
+    anneal_steps: int = 100  # training steps over which λ1, λ2 fall linearly to 0
+    parallel_target: int = 4  # subagents launched at which r_parallel saturates
+
+    def __post_init__(self):
+        if self.lambda1 < 0 or self.lambda2 < 0:
+            raise ValueError(f"ParlRewardConfig.lambda1/lambda2 must be >= 0, got {self.lambda1}, {self.lambda2}")
+        if self.anneal_steps < 1 or self.parallel_target < 1:
+            raise ValueError("ParlRewardConfig.anneal_steps and parallel_target must be >= 1")
+
+    def lambdas(self, step: int) -> tuple[float, float]:
+        """(λ1, λ2) at training step `step`: linear from the initial values to 0 at `anneal_steps`."""
+        frac = float(optax.linear_schedule(1.0, 0.0, self.anneal_steps)(step))
+        return self.lambda1 * frac, self.lambda2 * frac
+
+
+def parl_reward(stages: Sequence[Mapping], perf: float, step: int, config: ParlRewardConfig) -> dict[str, float]:
+    """The PARL reward of one episode from its trace stages (see the module docstring) and task score."""
+    runs = [r for s in stages for r in s.get("subagents", ())]
+    launched = len(runs)
+    finished = sum(r.get("status") == "done" for r in runs)
+    r_parallel = min(1.0, launched / config.parallel_target)
+    r_finish = finished / launched if launched else 0.0
+    l1, l2 = config.lambdas(step)
+    return {"reward": l1 * r_parallel + l2 * r_finish + float(perf), "r_parallel": r_parallel,
+            "r_finish": r_finish, "r_perf": float(perf), "lambda1": l1, "lambda2": l2,
+            "critical_steps": float(critical_steps(stages)), "subagents": float(launched)}
+
+
+def swarm_rl_task(task: SwarmTask, system_prompt: str = ORCHESTRATOR_SYSTEM_PROMPT) -> Task:
+    """An offline swarm task as an RL task (JSON-able, so partial rollouts can carry it)."""
+    return Task(id=task.task_id, messages=[{"role": "system", "content": system_prompt},
+                                           {"role": "user", "content": task.prompt}],
+                target={"kind": task.kind, "gold": task.gold}, meta={"split": task.split, **task.info})
+
+
+def _score(task: Task, answer: str) -> float:
+    t = SwarmTask(task.id, task.target["kind"], task.meta.get("split", ""), "", task.target["gold"])
+    scores = t.score(answer)
+    return scores["item_f1"] if "item_f1" in scores else scores["success"]
+
+
+class ParlEnv(AgentEnv):
+    """The orchestrator's environment: the task's tools plus `create_subagent` / `assign_task` bound to a
+    fresh `SwarmSession` per episode; the final reward is `parl_reward` at the trainer step `step_fn()`.
+    `info` of every step carries `critical_steps` (so far); the last one adds the reward's terms."""
+
+    def __init__(self, fmt: TurnFormat, tools: Sequence[Tool], subagent: ChatClient, *,
+                 swarm_config: SwarmConfig | None = None, reward: ParlRewardConfig | None = None,
+                 step_fn: Callable[[], int] = lambda: 0, tool_timeout_s: float | None = None,
+                 max_tool_chars: int = 8000) -> None:
+        self.swarm_config = swarm_config or SwarmConfig()
+        self.reward_config = reward or ParlRewardConfig()
+        self.env_tools, self.subagent, self.step_fn = list(tools), subagent, step_fn
+        cfg = self.swarm_config
+        super().__init__(fmt, self._judge, None, max_turns=cfg.main_max_steps,
+                         tool_timeout_s=tool_timeout_s or cfg.sub_timeout_s + 5, max_tool_chars=max_tool_chars)
+        self.stages: list[dict] = []
+        self.session: SwarmSession | None = None
+        self.last_reward: dict[str, float] = {}
+
+    def reset(self, task: Task) -> list[int]:
+        self.session = SwarmSession(self.subagent, self.env_tools, self.swarm_config)
+        self.session.spent = lambda: critical_steps(self.stages) + 1
+        self.toolset = Toolset([*self.env_tools, *self.session.tools()])
+        self.stages, self.last_reward = [], {}
+        return super().reset(task)
+
+    async def step(self, action: Sequence[int]) -> tuple[list[int], float, bool, dict[str, Any]]:
+        n_before = len(self.messages)
+        obs, reward, done, info = await super().step(action)
+        if not done:
+            self.stages.append(self.session.stage(self.messages[n_before].get("tool_calls") or []))
+            budget = self.swarm_config.max_critical_steps
+            if budget is not None and critical_steps(self.stages) >= budget:  # spent: no answer, so r_perf = 0
+                self.done, done, obs = True, True, []
+                reward = self._finish(self.task, "").reward
+                info["budget_exhausted"] = True
+        info["critical_steps"] = critical_steps(self.stages)
+        if done:
+            info.update(self.last_reward)
+        return obs, reward, done, info
+
+    async def _judge(self, task: Task, response: Mapping, messages: Sequence[Mapping]) -> RewardResult:
+        """AgentEnv's final turn (an answer, a cut-off turn, or the turn limit): one more orchestrator step."""
+        calls = [(c.get("function") or {}).get("name") for c in response.get("tool_calls") or ()]
+        self.stages.append({"main_steps": 1, "sub_steps": [], "tool_calls": calls, "subagents": []})
+        return self._finish(task, response.get("content") or "")
+
+    def _finish(self, task: Task, answer: str) -> RewardResult:
+        perf = _score(task, answer) if answer.strip() else 0.0
+        self.last_reward = parl_reward(self.stages, perf, self.step_fn(), self.reward_config)
+        return RewardResult(self.last_reward["reward"], {k: v for k, v in self.last_reward.items() if k != "reward"})
