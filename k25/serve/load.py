@@ -27,6 +27,8 @@ def load_run(workdir: str) -> tuple[nnx.Module, ChatFormat]:
     ckpt = Checkpointer(workdir, async_save=False)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"{workdir} has a config.json but no checkpoint under {ckpt.directory}")
+    mesh = config.mesh
+    mesh.devices = mesh.get("devices", 0) or mesh.pp * mesh.dp * mesh.ep  # restore on the run's mesh shape
     trainer = Trainer(config, workdir)
     state, _, _ = ckpt.restore(trainer.abstract_state)
     spec = config.get("data", {}).get("tokenizer", "byte") if "data" in config else "byte"

@@ -74,3 +74,47 @@ def test_serve_command_answers_an_openai_client(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def _run_dir(path: str, vocab: int):
+    """A run directory as the training loop leaves it (config.json + an orbax checkpoint), weights drawn at
+    random from the Trainer's abstract state instead of trained (no compile)."""
+    import jax
+    import numpy as np
+    from lm_configs import small_lm_config
+
+    from k25.train.checkpoint import Checkpointer, config_json
+    from k25.train.loop import Trainer
+
+    config = small_lm_config(layers=2, batch=2, seq_len=16)
+    config.model.vocab_size = vocab
+    config.mesh.devices = 1
+    trainer = Trainer(config, path)
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda x: jax.device_put(np.asarray(rng.normal(0, 0.05, x.shape), x.dtype), x.sharding),
+                         trainer.abstract_state)
+    ckpt = Checkpointer(path, async_save=False)
+    ckpt.save(3, state, {}, {"step": 3}, force=True)
+    ckpt.wait()
+    with open(os.path.join(path, "config.json"), "w") as f:
+        f.write(config_json(config))
+    return path, state
+
+
+def test_run_directory_loads_and_too_small_vocab_is_named(tmp_path):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from k25.infer import Sampler
+    from k25.serve.engine import Engine
+
+    path, saved = _run_dir(str(tmp_path / "run"), 288)
+    model, fmt = load_checkpoint(path)
+    assert isinstance(model, K2Model) and model.cfg.num_hidden_layers == 2
+    engine = Engine(Sampler(model, max_slots=1, max_len=64, cache_dtype=jnp.float32), fmt, model_name="run")
+    assert engine.chat_prompt([{"role": "user", "content": "hi"}], None, None, None).ids == fmt.encode(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True).ids
+    np.testing.assert_array_equal(model.embed_tokens.embedding[...], saved.params["embed_tokens"]["embedding"])
+    small, fmt = load_checkpoint(_run_dir(str(tmp_path / "run272"), 272)[0])  # tiny_lm's vocab: no room to chat
+    with pytest.raises(ValueError, match="vocab_size >= 278"):
+        Engine(Sampler(small, max_slots=1, max_len=64), fmt, model_name="x")
