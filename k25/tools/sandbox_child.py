@@ -131,6 +131,7 @@ def _build_root(root: str, disk_mb: int, uid: int) -> None:
     process's mount namespace, so nothing of it is visible outside or outlives the process."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    os.umask(0o022)  # the directories leading to each mount must be searchable by the sandbox's uid
 
     def bind(src: str, read_only: bool = True) -> None:
         dst = root + src

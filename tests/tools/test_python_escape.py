@@ -1,4 +1,4 @@
-"""The escape suite: each attempt must fail with a clear tool error, change nothing outside the sandbox, and
+"""The escape suite (the `outside` fixture is in conftest.py): each attempt must fail with a clear tool error, change nothing outside the sandbox, and
 leave the session usable for the next call.
 
 Every attempt runs against the sandbox as shipped ("full": OS isolation + audit hook). Where it is safe to
@@ -11,7 +11,6 @@ layer failed (a fork bomb or kill(-1) as root) are not run in hook_only mode.
 import os
 import signal
 import socket
-import tempfile
 import time
 
 import pytest
@@ -28,18 +27,6 @@ def sandbox(request):
     with PythonSandbox(timeout_s=2, memory_mb=512, kill_grace_s=2, max_output_chars=1000, **MODES[mode]) as sb:
         sb.mode = mode
         yield sb
-
-
-@pytest.fixture
-def outside():
-    """A world-readable, world-writable directory outside the sandbox with a world-readable secret in it."""
-    with tempfile.TemporaryDirectory(prefix="k25-escape-") as d:
-        os.chmod(d, 0o777)
-        secret = os.path.join(d, "secret.txt")
-        with open(secret, "w") as f:
-            f.write("TOP-SECRET")
-        os.chmod(secret, 0o666)
-        yield d
 
 
 def still_works(sb):

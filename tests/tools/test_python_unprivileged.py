@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 
 import pytest
@@ -41,47 +40,47 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _reachable_prefix_cmd(prefix: str) -> str:
-    """Shell lines that make `prefix` reachable for other users inside the current mount namespace: a tmpfs
-    over its first ancestor others cannot enter, with `prefix` bind-mounted back at the same path."""
-    blocked = None
-    path = "/"
-    for part in prefix.strip("/").split("/"):
-        path = os.path.join(path, part)
-        if path != prefix and not os.stat(path).st_mode & 0o001:
-            blocked = path
-            break
-    if blocked is None:
+def _reachable_cmd(paths: list[str]) -> str:
+    """Shell lines that make `paths` reachable for other users inside the current mount namespace: a tmpfs
+    over the first ancestor of each that others cannot enter, with the path bind-mounted back in place."""
+    moves = {}
+    for target in paths:
+        path = "/"
+        for part in target.strip("/").split("/")[:-1]:
+            path = os.path.join(path, part)
+            if not os.stat(path).st_mode & 0o001:
+                moves[target] = path
+                break
+    if not moves:
         return ":"
-    return (f'stage=$(mktemp -d) && mount --bind {prefix} "$stage" && mount -t tmpfs -o mode=0755 tmpfs {blocked} '
-            f'&& mkdir -p {prefix} && mount --move "$stage" {prefix} && rmdir "$stage"')
+    lines = [f'mkdir -p "$stage/{i}" && mount --bind {p} "$stage/{i}"' for i, p in enumerate(moves)]
+    lines += [f"mount -t tmpfs -o mode=0755 tmpfs {a}" for a in sorted(set(moves.values()))]
+    lines += [f'mkdir -p {p} && mount --move "$stage/{i}" {p}' for i, p in enumerate(moves)]
+    return "stage=$(mktemp -d) && " + " && ".join(lines) + ' && rmdir "$stage"/* "$stage"'
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not shutil.which("unshare"),
                     reason="needs root (to start the caller as another uid), setpriv and unshare")
-def test_unprivileged_caller_gets_full_isolation():
+def test_unprivileged_caller_gets_full_isolation(outside):
     if subprocess.run(["setpriv", f"--reuid={UID}", f"--regid={UID}", "--clear-groups", "unshare", "-Urn", "true"],
                       capture_output=True).returncode != 0:
         pytest.skip("unprivileged user namespaces are disabled on this kernel")
-    with tempfile.TemporaryDirectory(prefix="k25-unpriv-") as d:
-        os.chmod(d, 0o777)
-        secret = os.path.join(d, "secret.txt")
-        with open(secret, "w") as f:
-            f.write("TOP-SECRET")
-        os.chmod(secret, 0o644)
-        script = os.path.join(d, "caller.py")
-        with open(script, "w") as f:
-            f.write(SCRIPT)
-        os.chmod(script, 0o644)
-        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        shell = (f"{_reachable_prefix_cmd(os.path.realpath(sys.base_prefix))} && cd {repo} && exec setpriv "
-                 f"--reuid={UID} --regid={UID} --clear-groups env -i PATH=/usr/bin:/bin {sys.executable} "
-                 f"{script} {secret} {d} {os.getpid()}")
-        proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", shell],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        out = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert not os.path.exists(os.path.join(d, "new.txt"))
+    d = outside
+    secret = os.path.join(d, "secret.txt")
+    script = os.path.join(d, "caller.py")
+    with open(script, "w") as f:
+        f.write(SCRIPT)
+    os.chmod(script, 0o644)
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    reach = _reachable_cmd([os.path.realpath(p) for p in {sys.base_prefix, sys.prefix, repo}])
+    shell = (f"{reach} && cd {repo} && exec setpriv "
+             f"--reuid={UID} --regid={UID} --clear-groups env -i PATH=/usr/bin:/bin {sys.executable} "
+             f"{script} {secret} {d} {os.getpid()}")
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", shell],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not os.path.exists(os.path.join(d, "new.txt"))
     assert out["caller_uid"] == UID and out["caller_reads_secret"] == "TOP-SECRET"  # the caller could read it
     for mode in ("full", "os_only"):
         iso = out[mode]
