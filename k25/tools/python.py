@@ -184,10 +184,10 @@ class PythonSandbox:
             self._kill()
             raise SandboxStartError(f"the sandbox could not isolate itself: {header.get('error', header)}")
         self.isolation = header["isolation"]
-        degraded = [k for k, v in (("network", "audit-hook"), ("filesystem", "audit-hook"), ("user", "unchanged"))
-                    if self.isolation.get(k) == v]
+        degraded = [k for k, v in (("network", "audit-hook"), ("filesystem", "audit-hook"), ("user", "unchanged"),
+                                   ("pids", "shared")) if self.isolation.get(k) == v]
         if degraded and self._config["os_isolation"]:
-            log.warning("python sandbox runs with reduced OS isolation (%s guarded by the audit hook only): %s",
+            log.warning("python sandbox runs with reduced OS isolation (%s left to the audit hook): %s",
                         ", ".join(degraded), "; ".join(self.isolation.get("notes", [])))
         if self._images:
             self._send_images(self._images)
@@ -204,10 +204,11 @@ class PythonSandbox:
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
-            try:  # its process group: the waiter and the sandbox inside its PID namespace
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            if proc.returncode is None:  # not reaped yet, so the group id cannot belong to anyone else
+                try:  # its process group: the waiter and the sandbox inside its PID namespace
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:

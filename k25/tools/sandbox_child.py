@@ -273,7 +273,8 @@ def _start_lifeline(fd: int) -> None:
 
 def isolate(cfg: dict) -> dict:
     """Apply every layer the kernel allows and return what is in force (the tool reports it)."""
-    report = {"network": "audit-hook", "filesystem": "audit-hook", "user": "unchanged", "notes": []}
+    report = {"network": "audit-hook", "filesystem": "audit-hook", "user": "unchanged", "pids": "shared",
+              "ipc": "shared", "notes": []}
     _libc()  # import ctypes before the hook: numpy imports it, and its import-time dlopen would be refused
     root = os.geteuid() == 0
     workdir = cfg["host_workdir"]

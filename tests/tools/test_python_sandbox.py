@@ -248,6 +248,11 @@ def test_promised_libraries_import_in_every_mode(kwargs):
         r = sb.run("import numpy as np, scipy.ndimage as ndi\nfrom PIL import Image\n"
                    "int(ndi.binary_dilation(np.eye(4, dtype=bool)).sum()), Image.new('L', (2, 2)).size")
         assert r.error is None and r.text.endswith(": (10, (2, 2))\n"), r
+        iso = sb.isolation
+        if kwargs.get("os_isolation") is False:  # what a kernel without namespaces gets, reported as such
+            assert (iso["network"], iso["filesystem"], iso["user"], iso["pids"], iso["ipc"]) == (
+                "audit-hook", "audit-hook", "unchanged", "shared", "shared")
+        assert iso["audit_hook"] is kwargs.get("audit_hook", True)
 
 
 def test_concurrent_episodes_have_separate_sessions():
