@@ -298,6 +298,9 @@ class PythonSandbox:
             text, error = header.get("text", ""), header.get("error")
             if not isinstance(text, str) or not (error is None or isinstance(error, str)):
                 raise ProtocolError("text/error of the wrong type")
+            # valid UTF-8 for the tokenizer: lone surrogates (print('\ud800')) become '?'
+            text = text.encode("utf-8", "replace").decode("utf-8")
+            error = None if error is None else error.encode("utf-8", "replace").decode("utf-8")
             if header.get("restart"):  # the session's CPU budget is spent: the child exits after answering
                 self._restart_later()
             return ToolResult(text=text, images=images, error=error)
