@@ -226,9 +226,9 @@ def parse_tool_section(section: str) -> tuple[list[dict], list[dict]]:
 def parse_assistant(text: str, *, thinking: bool | None = None) -> Message:
     """A completion (the text after the generation prompt) -> an OpenAI-style assistant message.
 
-    Returns role, content, reasoning_content and, when present, `tool_calls` ({id, type, function{name,
-    arguments}}, arguments as the JSON text the model wrote) and `invalid_tool_calls` (malformed or truncated
-    calls, each with an 'error'; never dropped). `thinking` says whether the prompt opened a thinking block
+    Returns role, content, reasoning_content, `tool_calls` ({id, type, function{name, arguments}}, arguments as
+    the JSON text the model wrote; [] when none) and, when there are any, `invalid_tool_calls` (malformed or
+    truncated calls, each with an 'error'; never dropped). `thinking` says whether the prompt opened a thinking block
     (`<think>`): then the text up to `</think>` (or to a tool section, which ends thinking implicitly) is the
     reasoning. None: decide from the text (a `</think>` or a leading `<think>`).
     """
@@ -242,7 +242,7 @@ def parse_assistant(text: str, *, thinking: bool | None = None) -> Message:
         cut = text.find(SECTION_BEGIN)
         reasoning, text = (text, "") if cut < 0 else (text[:cut], text[cut:])
     content, has_section, section = text.partition(SECTION_BEGIN)
-    msg: Message = {"role": "assistant", "content": None, "reasoning_content": reasoning or None}
+    msg: Message = {"role": "assistant", "content": None, "reasoning_content": reasoning or None, "tool_calls": []}
     if has_section:
         section, closed, trailing = section.partition(SECTION_END)
         valid, invalid = parse_tool_section(section)
@@ -251,8 +251,7 @@ def parse_assistant(text: str, *, thinking: bool | None = None) -> Message:
                             "error": "the tool-call section is not closed by <|tool_calls_section_end|> "
                                      "(truncated?)"})
         content += trailing
-        if valid:
-            msg["tool_calls"] = valid
+        msg["tool_calls"] = valid
         if invalid:
             msg["invalid_tool_calls"] = invalid
     msg["content"] = content or None

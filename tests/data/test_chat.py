@@ -142,8 +142,7 @@ def normalized(msgs):
             for c in m.get("tool_calls") or ():
                 if not isinstance(c["function"]["arguments"], str):
                     c["function"]["arguments"] = json.dumps(c["function"]["arguments"], ensure_ascii=False)
-            if not m.get("tool_calls"):
-                m.pop("tool_calls", None)
+            m["tool_calls"] = m.get("tool_calls") or []
         if isinstance(m.get("content"), list):
             m["content"] = [{"type": "image"} if p["type"].startswith("image") else p for p in m["content"]
                             if p.get("text") != ""]
@@ -197,7 +196,7 @@ def test_parse_reports_malformed_calls():
                                thinking=True)
     assert msg["reasoning_content"] == "hmm" and msg["tool_calls"][0]["id"] == "functions.f:0"
     assert chat.parse_assistant("still thinking", thinking=True) == {
-        "role": "assistant", "content": None, "reasoning_content": "still thinking"}
+        "role": "assistant", "content": None, "reasoning_content": "still thinking", "tool_calls": []}
     assert chat.parse_assistant("plain", thinking=False)["content"] == "plain"
 
 

@@ -139,6 +139,9 @@ def test_completions_take_token_ids_and_text(client, sampler):
     text = client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0,
                                      extra_body={"return_token_ids": True})
     assert text.choices[0].model_extra["token_ids"] == ref.token_ids
+    streamed = list(client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == text.choices[0].text
+    assert streamed[-1].choices[0].finish_reason == text.choices[0].finish_reason
 
 
 def test_openai_client_gets_token_ids_back(server):
@@ -293,7 +296,7 @@ def test_tool_choice_required_named_and_none(scripted):
     assert s.seen[-1].endswith("<think></think><|tool_calls_section_begin|>")
     none = c.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "weather?"}],
                                      tools=[WEATHER], tool_choice="none")
-    assert none.choices[0].message.tool_calls is None and none.choices[0].message.content == "Checking."
+    assert not none.choices[0].message.tool_calls and none.choices[0].message.content == "Checking."
     assert none.choices[0].finish_reason == "stop"
     stopped = c.chat.completions.create(model="scripted", messages=HELLO, stop=["there"])
     assert stopped.choices[0].message.content == "Hello " and stopped.choices[0].finish_reason == "stop"
