@@ -480,11 +480,25 @@ class CappedOutput:
                 self.tail_len -= len(self.tail.pop(0))
         return self.total
 
+    encoding, errors = "utf-8", "strict"
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
     def flush(self) -> None:
         pass
 
     def isatty(self) -> bool:
         return False
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        import io
+
+        raise io.UnsupportedOperation("captured output has no file descriptor")
 
     def getvalue(self) -> str:
         head = "".join(self.head)

@@ -35,6 +35,15 @@ def test_state_persists_and_last_expression_is_shown(sb):
     assert sb.run("x = None\nx").text == ""  # a None value is not shown, as in IPython
 
 
+def test_output_streams_behave_like_files(sb):
+    r = sb.run("import sys, warnings\nsys.stdout.writelines(['a', 'b\\n'])\nprint(sys.stdout.encoding)\n"
+               "print('to stderr', file=sys.stderr)\nwarnings.warn('careful')\n"
+               "import io\ntry:\n    sys.stdout.fileno()\nexcept io.UnsupportedOperation as e:\n    print('no fd:', e)")
+    assert r.error is None, r.error
+    assert r.text.startswith("ab\nutf-8\nto stderr\n") and "UserWarning: careful" in r.text
+    assert r.text.endswith("no fd: captured output has no file descriptor\n")
+
+
 def test_user_errors_are_tracebacks_of_the_cell(sb):
     r = sb.run("print('before')\n1 / 0")
     assert r.text == "before\n"
