@@ -376,9 +376,12 @@ class ChatFormat:
                     ids += self.tokenizer.encode(stamp) + [self.special_ids[MEDIA_BEGIN]] + \
                         self.tokenizer.encode("video") + [self.special_ids[MEDIA_CONTENT]] + \
                         [self.video_pad_id] * int(n) + [self.special_ids[MEDIA_END]]
+            elif piece == MEDIA_PAD and media_tokens is not None:
+                if not media_tokens:
+                    raise ChatFormatError("the conversation has more images than image_tokens has entries")
+                ids += [self.special_ids[piece]] * int(media_tokens.pop(0))
             elif piece in self.special_ids:
-                n = media_tokens.pop(0) if piece == MEDIA_PAD and media_tokens else 1
-                ids += [self.special_ids[piece]] * int(n)
+                ids.append(self.special_ids[piece])
             else:
                 ids += self.tokenizer.encode(piece)
         return ids

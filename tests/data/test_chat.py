@@ -254,6 +254,8 @@ def test_media_placeholders_expand_per_merged_token():
     assert fmt.encode(msgs[:1][:0] + [{"role": "user", "content": "x"}]).ids  # no media, no arguments needed
     with pytest.raises(chat.ChatFormatError, match="video_chunks"):
         fmt.encode(msgs)
+    with pytest.raises(chat.ChatFormatError, match="more images"):
+        fmt.encode(msgs, image_tokens=[6], video_chunks=[[("0", 1)]])
     with pytest.raises(chat.ChatFormatError, match="more entr"):
         fmt.encode(msgs[:0] + [{"role": "user", "content": "x"}], image_tokens=[4])
 
