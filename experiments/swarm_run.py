@@ -28,6 +28,9 @@ _BENCH = flags.DEFINE_enum("benchmark", "widesearch", ["browsecomp", "widesearch
 _MAIN_STEPS = flags.DEFINE_integer("main_max_steps", None, "Override the orchestrator step limit.")
 _SUB_STEPS = flags.DEFINE_integer("sub_max_steps", None, "Override the subagent step limit.")
 _SINGLE_STEPS = flags.DEFINE_integer("single_max_steps", None, "Override the single-agent step limit.")
+_BUDGET = flags.DEFINE_integer("max_critical_steps", None, "Critical-step budget per episode (default: none). "
+                               "With --scripted --single_agent the scripted agent answers with what it has found "
+                               "when it runs out.")
 _CONTEXT = flags.DEFINE_enum("context", "none", ["none", "discard_all"], "Context management.")
 _CONTEXT_TOKENS = flags.DEFINE_integer("context_max_tokens", 200_000, "discard-all threshold (tokens).")
 _SUB_ENDPOINT = flags.DEFINE_string("subagent_endpoint", None, "Endpoint of the frozen subagent policy.")
@@ -60,7 +63,8 @@ def main(argv: list[str]) -> None:
     if unknown:
         raise app.UsageError(f"--tasks: unknown kind(s) {unknown}; choose from {list(TASK_KINDS)}")
     overrides = {k: f.value for k, f in (("main_max_steps", _MAIN_STEPS), ("sub_max_steps", _SUB_STEPS),
-                                         ("single_max_steps", _SINGLE_STEPS)) if f.value is not None}
+                                         ("single_max_steps", _SINGLE_STEPS),
+                                         ("max_critical_steps", _BUDGET)) if f.value is not None}
     config = SwarmConfig.for_benchmark(
         _BENCH.value, context=_CONTEXT.value, context_max_tokens=_CONTEXT_TOKENS.value,
         sub_timeout_s=_SUB_TIMEOUT.value, episode_timeout_s=_EPISODE_TIMEOUT.value, temperature=_TEMPERATURE.value,
@@ -69,7 +73,8 @@ def main(argv: list[str]) -> None:
         from k25.infer.client import ScriptedClient
         from k25.swarm.policies import scripted_policy
 
-        client = subagent = ScriptedClient(scripted_policy())
+        budget = _BUDGET.value if _SINGLE.value else None
+        client = subagent = ScriptedClient(scripted_policy(worker_budget=budget))
     else:
         client = subagent = OpenAIClient(_MODEL.value, base_url=_ENDPOINT.value, api_key=_API_KEY.value,
                                          timeout_s=_TIMEOUT.value, max_retries=_RETRIES.value)

@@ -66,6 +66,7 @@ class _Reader:
     """What the agent has found so far: search hits (title -> id), opened pages (id -> {page: text})."""
 
     def __init__(self, history):
+        self.final = False  # no more calls: what is not read yet counts as missing
         self.hits: dict[str, str] = {}
         self.searched: set[str] = set()
         self.pages: dict[str, dict[int, str]] = {}
@@ -84,6 +85,8 @@ class _Reader:
         """The first page of the document titled `title`, or the next call that gets it (None when it
         cannot be found)."""
         doc_id = self.hits.get(title)
+        if self.final and (doc_id is None or 1 not in self.pages.get(doc_id, {})):
+            return "missing", None
         if doc_id is None:
             query = query or title
             return ("call", ("search", {"query": query})) if query not in self.searched else ("missing", None)
@@ -105,11 +108,26 @@ def _call(name: str, args: dict) -> Message:
 
 
 class ScriptedWorker:
-    """A sequential searcher: one tool call per turn, then the answer."""
+    """A sequential searcher: one tool call per turn, then the answer. With `step_budget`, it answers with
+    what it has found on its last budgeted turn (a partial table, or the best value so far)."""
+
+    def __init__(self, step_budget: int | None = None) -> None:
+        if step_budget is not None and step_budget < 1:
+            raise ValueError(f"step_budget must be >= 1 or None, got {step_budget}")
+        self.step_budget = step_budget
 
     def __call__(self, messages: Sequence[Message], tools) -> Message | str:
         task = next((m.get("content") or "" for m in messages if m.get("role") == "user"), "")
         r = _Reader(tool_history(messages))
+        last = self.step_budget is not None and sum(m.get("role") == "assistant" for m in messages) + 1 >= \
+            self.step_budget
+        out = self._act(task, r)
+        if last and isinstance(out, dict):  # no turn left for the call: answer from what is known
+            r.final = True
+            out = self._act(task, r)
+        return out
+
+    def _act(self, task: str, r: _Reader) -> Message | str:
         if m := _WIDE_ALL.search(task):
             return self._wide(r, None, m.group(1))
         if m := _WIDE_SOME.search(task):
@@ -168,12 +186,13 @@ class ScriptedWorker:
         pages = r.pages.get(doc_id, {})
         if first is None:
             if 1 not in pages:
-                return _call("open", {"id": doc_id, "page": 1})
+                return "Answer: 0" if r.final else _call("open", {"id": doc_id, "page": 1})
             first, last = 1, r.n_pages[doc_id]
         for p in range(first, last + 1):
-            if p not in pages:
+            if p not in pages and not r.final:
                 return _call("open", {"id": doc_id, "page": p})
-        total = sum(int(a) for p in range(first, last + 1) for d, a in _ENTRY.findall(pages[p]) if d == department)
+        total = sum(int(a) for p in range(first, last + 1) if p in pages for d, a in _ENTRY.findall(pages[p])
+                    if d == department)
         return f"Answer: {total}"
 
 
@@ -264,9 +283,10 @@ class ScriptedOrchestrator:
         return f"Answer: {sum(int(a) for a in map(extract_answer, results.values()) if a.isdigit())}"
 
 
-def scripted_policy(per_agent: int = 4, pages_per_agent: int = 2):
-    """One function for both roles: the orchestrator when `assign_task` is offered, else the worker."""
-    orchestrator, worker = ScriptedOrchestrator(per_agent, pages_per_agent), ScriptedWorker()
+def scripted_policy(per_agent: int = 4, pages_per_agent: int = 2, worker_budget: int | None = None):
+    """One function for both roles: the orchestrator when `assign_task` is offered, else the worker
+    (`ScriptedWorker(worker_budget)`)."""
+    orchestrator, worker = ScriptedOrchestrator(per_agent, pages_per_agent), ScriptedWorker(worker_budget)
 
     def policy(messages: Sequence[Message], tools) -> Message | str:
         names = {(t.get("function") or {}).get("name") for t in tools or ()}

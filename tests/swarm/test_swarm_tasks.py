@@ -8,7 +8,8 @@ import pytest
 
 from k25.infer.client import ScriptedClient
 from k25.swarm import SwarmConfig, run_single, run_swarm
-from k25.swarm.policies import scripted_policy
+from k25.swarm.policies import ScriptedWorker, scripted_policy
+from k25.swarm.scoring import parse_markdown_table
 from k25.swarm.tasks import TASK_KINDS, SwarmEnv
 from k25.tools.base import Toolset
 
@@ -123,3 +124,19 @@ def test_swarm_recovers_from_a_failed_subtask(env):
     waves = [s for s in trace.stages if s["sub_steps"]]
     assert len(waves) == 2 and waves[1]["sub_steps"] == [waves[1]["subagents"][0]["steps"]]
     assert [r["status"] for r in waves[0]["subagents"]].count("error") == 1
+
+
+def test_budgeted_worker_answers_with_a_partial_table(env):
+    task = env.tasks("wide_search", "heldout", 1)[0]
+    n = len(task.gold)
+    trace = asyncio.run(run_single(task.prompt, agent=ScriptedClient(scripted_policy(worker_budget=12)),
+                                   tools=env.tools(), config=SwarmConfig(max_critical_steps=12)))
+    assert trace.status == "done" and trace.critical_steps == 12
+    rows = parse_markdown_table(trace.answer)
+    # registry search + open (steps 1-2), search + open per company (3-10: four companies; 11 searches the
+    # fifth), and step 12 answers with the four rows it has read
+    assert len(rows) == 4 and [r["company"] for r in rows] == [g["company"] for g in task.gold[:4]]
+    s = task.score(trace.answer)
+    assert s["row_f1"] == pytest.approx(2 * 4 / (4 + n)) and s["success"] == 0.0
+    with pytest.raises(ValueError, match="step_budget"):
+        ScriptedWorker(0)
