@@ -76,7 +76,7 @@ def _content_text(msg: Message, where: str) -> str:
             out.append(IMAGE_MARKER + "\n")
         elif kind in ("video", "video_url"):
             out.append(VIDEO_PLACEHOLDER + "\n")
-        elif kind == "text" and isinstance(part.get("text"), str):
+        elif isinstance(part, dict) and isinstance(part.get("text"), str):  # the template renders any part's text
             out.append(part["text"])
         else:
             raise ChatFormatError(f"{where}.content[{j}] must be a text part {{'type': 'text', 'text': str}} or an "

@@ -123,6 +123,8 @@ def test_bad_messages_name_the_field():
         chat.render_text([{"role": "robot", "content": "x"}])
     with pytest.raises(chat.ChatFormatError, match=r"messages\[1\].*tool_call_id"):
         chat.render_text([{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}])
+    other_part = [{"role": "user", "content": [{"type": "input_text", "text": "as text"}]}]
+    assert chat.render_text(other_part) == reference(other_part)
     with pytest.raises(chat.ChatFormatError, match=r"messages\[0\].content\[0\]"):
         chat.render_text([{"role": "user", "content": [{"type": "audio"}]}])
     with pytest.raises(chat.ChatFormatError, match=r"tool_calls\[0\]"):
