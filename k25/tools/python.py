@@ -346,7 +346,8 @@ class PythonTool(Tool):
         names = ", ".join(self.sandbox._images) or "none"
         return ("Run Python code in a persistent, isolated IPython-like session (variables persist between calls). "
                 "numpy, PIL (Pillow) and scipy.ndimage are available; there is no network access. Input images are "
-                f"bound as PIL images named: {names}. Call display(img) on a PIL image or a numpy array to see it; "
+                f"bound as PIL images named: {names}. Call display(x) on a PIL image, a numpy array or a matplotlib "
+                "figure to see it; "
                 "the value of a final expression is shown. Output is truncated when long. "
                 f"Each call may run for {self.sandbox.timeout_s:g} s with {self.sandbox.memory_mb} MB of memory.")
 

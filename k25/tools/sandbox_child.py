@@ -356,6 +356,7 @@ def isolate(cfg: dict) -> dict:
         if report.get("pids") == "pidns":
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # again: a uid change clears it
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the file-size limit fail with EFBIG instead
+    os.environ.update(HOME=workdir, TMPDIR=workdir)  # caches and temporary files go to the private directory
     report["workdir"] = workdir
     report["audit_hook"] = bool(cfg["audit_hook"])
     if cfg["audit_hook"]:
@@ -559,7 +560,8 @@ class Session:
         return obj
 
     def display(self, *objs) -> None:
-        """Show images to the model (PIL images or uint8/bool/float arrays); other objects are printed."""
+        """Show images to the model (PIL images, uint8/bool/float arrays, matplotlib figures); other objects
+        are printed."""
         for obj in objs:
             try:
                 from PIL import Image
@@ -567,6 +569,15 @@ class Session:
                 is_image = isinstance(obj, Image.Image) or type(obj).__module__.startswith("numpy")
             except ImportError:
                 is_image = False
+            if hasattr(obj, "savefig") and hasattr(obj, "canvas"):  # a matplotlib figure
+                import io
+
+                from PIL import Image
+
+                buf = io.BytesIO()
+                obj.savefig(buf, format="png")
+                buf.seek(0)
+                obj, is_image = Image.open(buf).convert("RGB"), True
             if not is_image:
                 print(repr(obj))
                 continue

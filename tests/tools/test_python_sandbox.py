@@ -90,6 +90,14 @@ def test_images_come_back_from_display_and_last_expression(sb):
     assert "display() takes a PIL image or an array" in bad.error
 
 
+def test_matplotlib_figure_is_displayed_as_an_image(sb):
+    r = sb.run("import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
+               "fig, ax = plt.subplots(figsize=(2, 1.5), dpi=50)\nax.pie([1, 2, 3])\ndisplay(fig)")
+    assert r.error is None, r.error
+    assert [(im.mode, im.size) for im in r.images] == [("RGB", (100, 75))]
+    assert len(set(r.images[0].getdata())) > 3  # white background and the wedges' colours
+
+
 def test_bind_images_later_and_image_caps():
     with PythonSandbox(timeout_s=30, memory_mb=512, max_images=2, max_image_pixels=100) as sb:
         sb.bind_images({"chart": np.full((4, 5, 3), 7, np.uint8)})
