@@ -5,13 +5,12 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
 from hf_synthetic import write_int4
+from model_leaves import assert_same_leaves
 
 from experiments.convert import convert
 from k25 import hf
@@ -44,17 +43,6 @@ def k2_dir(tmp_path_factory):
     return ref, str(path)
 
 
-def leaves(model) -> dict:
-    return dict(jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model))))
-
-
-def assert_same(a, b) -> None:
-    la, lb = leaves(a), leaves(b)
-    assert set(la) == set(lb)
-    for p, v in la.items():
-        np.testing.assert_array_equal(np.asarray(lb[p]), np.asarray(v), err_msg=jax.tree_util.keystr(p))
-
-
 def test_command_hf_to_run_dir(k2_dir, tmp_path):
     """The CLI (with its progress bar); the run directory holds the model for init_from and for loaders."""
     _, src = k2_dir
@@ -66,8 +54,8 @@ def test_command_hf_to_run_dir(k2_dir, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["stage"] == "lm" and config["model"]["n_routed_experts"] == 4
     plain = hf.load(src)
-    assert_same(plain, read_model_run(str(run)))
-    assert_same(plain, load_model(str(run)))
+    assert_same_leaves(plain, read_model_run(str(run)))
+    assert_same_leaves(plain, load_model(str(run)))
     parts = load_parts(str(run), ("moe_layers", "embed_tokens"))  # what --config.init_from reads
     np.testing.assert_array_equal(parts["embed_tokens"]["params"]["embedding"],
                                   np.asarray(plain.embed_tokens.embedding[...]))
@@ -92,7 +80,7 @@ def test_quantized_hf_to_run_dir(k2_dir, tmp_path):
     _, src = k2_dir
     write_int4(src, str(tmp_path / "int4"), 32)
     convert(str(tmp_path / "int4"), str(tmp_path / "run"), progress=False)
-    assert_same(hf.load(str(tmp_path / "int4")), read_model_run(str(tmp_path / "run")))
+    assert_same_leaves(hf.load(str(tmp_path / "int4")), read_model_run(str(tmp_path / "run")))
 
 
 def test_k25_both_directions(tmp_path):
@@ -106,7 +94,7 @@ def test_k25_both_directions(tmp_path):
     ref.save_pretrained(tmp_path / "hf")
     convert(str(tmp_path / "hf"), str(tmp_path / "run"), progress=False)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["stage"] == "k25"
-    assert_same(hf.load(str(tmp_path / "hf")), read_model_run(str(tmp_path / "run")))
+    assert_same_leaves(hf.load(str(tmp_path / "hf")), read_model_run(str(tmp_path / "run")))
     convert(str(tmp_path / "run"), str(tmp_path / "back"), progress=False)
     theirs, mine = hf.Reader(str(tmp_path / "hf")), hf.Reader(str(tmp_path / "back"))
     assert set(theirs.keys()) == set(mine.keys())

@@ -60,7 +60,7 @@ def reference(path: str, qconfig):
     return leaves, logits
 
 
-def assert_same_leaves(model, want: dict) -> None:
+def assert_model_holds(model, want: dict) -> None:
     got = dict(jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model))))
     flat = dict(jax.tree_util.tree_leaves_with_path(want))
     assert set(got) == set(flat)
@@ -99,7 +99,7 @@ def test_block_fp8_checkpoint_matches_transformers(fp32_dir, tmp_path):
     want, logits = reference(str(tmp_path), transformers.FineGrainedFP8Config(dequantize=True,
                                                                               weight_block_size=(BLOCK, BLOCK)))
     model = hf.load(str(tmp_path))
-    assert_same_leaves(model, want)
+    assert_model_holds(model, want)
     np.testing.assert_allclose(np.asarray(model(ids()).logits), logits, atol=1e-4, rtol=0)
 
 
@@ -108,7 +108,7 @@ def test_int4_pack_quantized_checkpoint_matches_transformers(fp32_dir, tmp_path)
     assert "model.layers.2.mlp.experts.7.down_proj.weight_packed" in hf.Reader(str(tmp_path))
     want, logits = reference(str(tmp_path), transformers.CompressedTensorsConfig(dequantize=True))
     model = hf.load(str(tmp_path))
-    assert_same_leaves(model, want)
+    assert_model_holds(model, want)
     np.testing.assert_allclose(np.asarray(model(ids()).logits), logits, atol=1e-4, rtol=0)
 
 

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from model_leaves import leaves
 
 from k25 import hf
 from k25.model.config import tiny
@@ -37,10 +38,6 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mesh():
     return make_mesh(ml_collections.ConfigDict(dict(pp=2, dp=1, ep=4)))
-
-
-def leaves(model):
-    return dict(jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model))))
 
 
 def test_sharded_stream_equals_plain_load(checkpoint, mesh):

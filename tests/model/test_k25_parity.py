@@ -18,6 +18,7 @@ import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from flax import nnx
 from hf_synthetic import write_int4
+from model_leaves import assert_same_leaves, leaves
 from safetensors.torch import load_file, save_file
 from transformers import Kimi_K25Config, Kimi_K25ForConditionalGeneration
 
@@ -73,17 +74,6 @@ def models(reference):
     cfg = ours.cfg  # float32, lm_head untied as the top-level flag says
     assert (cfg.image_token_id, cfg.video_token_id, cfg.text_config.tie_word_embeddings) == (IMG, VID, False)
     return hf, ours
-
-
-def leaves(model) -> dict:
-    return dict(jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model))))
-
-
-def assert_same_leaves(a, b) -> None:
-    la, lb = leaves(a), leaves(b)
-    assert set(la) == set(lb)
-    for path, leaf in la.items():
-        np.testing.assert_array_equal(np.asarray(lb[path]), np.asarray(leaf), err_msg=jax.tree_util.keystr(path))
 
 
 _embed = nnx.jit(lambda m, ids, px, g, pxv, gv: m.embed(ids, px, g, pxv, gv), static_argnums=(3, 5))
