@@ -101,6 +101,8 @@ def _unshare(flags: int) -> str | None:
         except OSError as e:
             return e.strerror
     ctypes, libc = _libc()
+    if not hasattr(libc, "unshare"):
+        return "unshare(2) does not exist on this platform"
     if libc.unshare(flags) == 0:
         return None
     return os.strerror(ctypes.get_errno())
@@ -328,17 +330,20 @@ def isolate(cfg: dict) -> dict:
             PIL.Image.init()
     _start_lifeline(cfg["lifeline_fd"])
     limits = {
-        resource.RLIMIT_AS: cfg["memory_mb"] << 20,
-        resource.RLIMIT_FSIZE: cfg["disk_mb"] << 20,
-        resource.RLIMIT_CPU: int(cfg["cpu_budget_s"]) + 2,  # hard: SIGKILL; the soft limit (SIGXCPU) is per call
-        resource.RLIMIT_NPROC: 0,  # no fork, no thread (not enforced for root: hence the uid drop)
-        resource.RLIMIT_CORE: 0,
-        resource.RLIMIT_NOFILE: 64,
-        resource.RLIMIT_MEMLOCK: 0,
-        resource.RLIMIT_MSGQUEUE: 0,
+        "RLIMIT_AS": cfg["memory_mb"] << 20,
+        "RLIMIT_FSIZE": cfg["disk_mb"] << 20,
+        "RLIMIT_CPU": int(cfg["cpu_budget_s"]) + 2,  # hard: SIGKILL; the soft limit (SIGXCPU) is per call
+        "RLIMIT_NPROC": 0,  # no fork, no thread (not enforced for root: hence the uid drop)
+        "RLIMIT_CORE": 0,
+        "RLIMIT_NOFILE": 64,
+        "RLIMIT_MEMLOCK": 0,
+        "RLIMIT_MSGQUEUE": 0,
     }
-    for which, value in limits.items():
-        resource.setrlimit(which, (value, value))
+    for name, value in limits.items():
+        try:
+            resource.setrlimit(getattr(resource, name), (value, value))
+        except (AttributeError, ValueError, OSError) as e:  # e.g. a platform without this limit
+            report["notes"].append(f"{name} not set ({type(e).__name__}: {e})")
     report["limits"] = {"memory_mb": cfg["memory_mb"], "disk_mb": cfg["disk_mb"], "cpu_budget_s": cfg["cpu_budget_s"],
                         "nproc": 0, "nofile": 64}
     if root and cfg["os_isolation"]:
@@ -351,7 +356,7 @@ def isolate(cfg: dict) -> dict:
         report["user"] = f"uid {uid} in a user namespace, no capabilities"
     if cfg["os_isolation"]:
         ctypes, libc = _libc()
-        if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0:
+        if hasattr(libc, "prctl") and libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0:
             report["no_new_privs"] = True
         if report.get("pids") == "pidns":
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # again: a uid change clears it
