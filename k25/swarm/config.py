@@ -36,7 +36,9 @@ class SwarmConfig:
     context_max_tokens: int = 200_000
     sub_timeout_s: float = 600.0  # wall time of one subagent run; past it the task is reported as failed
     episode_timeout_s: float = 3600.0
-    max_subagents: int = 100  # create_subagent calls allowed per episode
+    max_subagents: int = 100  # create_subagent calls (agent configurations) allowed per episode
+    max_assignments: int = 1000  # assign_task runs allowed per episode (a bound on spurious parallelism's cost)
+    max_concurrent_subagents: int = 64  # subagents running at once; more calls in a turn wait for a slot
     max_critical_steps: int | None = None  # the episode's critical-step budget (None: only the step limits)
     temperature: float = 1.0  # Appendix E's protocol: temperature 1.0, top-p 0.95
     top_p: float = 0.95
@@ -44,7 +46,7 @@ class SwarmConfig:
 
     def __post_init__(self):
         for name in ("main_max_steps", "sub_max_steps", "single_max_steps", "context_max_tokens", "max_subagents",
-                     "max_tokens"):
+                     "max_assignments", "max_concurrent_subagents", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SwarmConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.context not in CONTEXT_MODES:

@@ -108,12 +108,16 @@ class AssignTask(_SwarmTool):
                 return ToolResult(error=f"assign_task: the critical-step budget ({cfg.max_critical_steps}) leaves no "
                                         f"step for a subagent; answer with what you have")
             max_steps = min(max_steps, left)
-        agent = Agent(session.subagent, session.agents[name], prompt, session.tools_, max_steps=max_steps,
+        if session.launched >= cfg.max_assignments:
+            return ToolResult(error=f"assign_task: this episode has used all {cfg.max_assignments} assignments")
+        session.launched += 1
+        agent = Agent(session.subagent, session.agents[name], prompt, session.env_tools, max_steps=max_steps,
                       config=cfg)
         record: dict[str, Any] = {"agent": name, "prompt": prompt}
         session.pending.append(record)  # before the first await: records keep the order of the calls
         try:
-            await asyncio.wait_for(agent.run(), timeout=cfg.sub_timeout_s)
+            async with session.slots:  # the wall-clock limit covers the run, not the wait for a slot
+                await asyncio.wait_for(agent.run(), timeout=cfg.sub_timeout_s)
         except TimeoutError:
             agent.status, agent.error = "timeout", f"timed out after {cfg.sub_timeout_s:g} s"
         if agent.status == "done" and not agent.answer.strip():
@@ -140,9 +144,11 @@ class SwarmSession:
 
     def __init__(self, subagent: ChatClient, tools: Sequence, config: SwarmConfig, keep_messages: bool = False
                  ) -> None:
-        self.subagent, self.tools_, self.config, self.keep_messages = subagent, list(tools), config, keep_messages
+        self.subagent, self.env_tools, self.config, self.keep_messages = subagent, list(tools), config, keep_messages
         self.agents: dict[str, str] = {}
         self.pending: list[dict] = []
+        self.launched = 0
+        self.slots = asyncio.Semaphore(config.max_concurrent_subagents)
         self.spent: Callable[[], int] = lambda: 1
 
     def tools(self) -> list[Tool]:

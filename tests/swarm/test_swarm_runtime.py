@@ -256,3 +256,15 @@ def test_malformed_tool_calls_are_answered_not_final():
     assert trace.status == "done" and trace.answer == "recovered" and trace.main_steps == 2
     assert trace.messages[3] == {"role": "tool", "tool_call_id": "invalid:0",
                                  "content": "Error: malformed tool call: the tool-call section is not closed"}
+
+
+def test_assignment_cap_and_concurrency_slots():
+    prompts = [f"job {i}" for i in range(6)]
+    sub = InFlight(ScriptedClient(lambda m, t: "ok", delay_s=0.2))
+    cfg = SwarmConfig(max_assignments=5, max_concurrent_subagents=2)
+    trace = asyncio.run(run_swarm("t", orchestrator=ScriptedClient(wave_orchestrator(prompts)), subagent=sub,
+                                  config=cfg))
+    assert sub.calls == 5 and sub.peak == 2  # five run, never more than two at once
+    replies = [m["content"] for m in trace.messages if m["role"] == "tool"][1:]
+    assert replies[:5] == ["ok"] * 5 and "used all 5 assignments" in replies[5]
+    assert trace.stages[1]["sub_steps"] == [1] * 5
