@@ -41,6 +41,7 @@ _RETRIES = flags.DEFINE_integer("max_retries", 2, "Retries per request.")
 _SUB_TIMEOUT = flags.DEFINE_float("sub_timeout_s", 900.0, "Wall-time limit of one subagent run.")
 _EPISODE_TIMEOUT = flags.DEFINE_float("episode_timeout_s", 3600.0, "Wall-time limit of one episode.")
 _CONCURRENCY = flags.DEFINE_integer("concurrency", 4, "Episodes run at the same time.")
+_SUB_CONCURRENCY = flags.DEFINE_integer("max_concurrent_subagents", 64, "Subagents running at once per episode.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (Appendix E: 1.0).")
 _TOP_P = flags.DEFINE_float("top_p", 0.95, "Top-p (Appendix E: 0.95).")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 4096, "Completion tokens per turn.")
@@ -68,7 +69,8 @@ def main(argv: list[str]) -> None:
     config = SwarmConfig.for_benchmark(
         _BENCH.value, context=_CONTEXT.value, context_max_tokens=_CONTEXT_TOKENS.value,
         sub_timeout_s=_SUB_TIMEOUT.value, episode_timeout_s=_EPISODE_TIMEOUT.value, temperature=_TEMPERATURE.value,
-        top_p=_TOP_P.value, max_tokens=_MAX_TOKENS.value, **overrides)
+        top_p=_TOP_P.value, max_tokens=_MAX_TOKENS.value, max_concurrent_subagents=_SUB_CONCURRENCY.value,
+        **overrides)
     if _SCRIPTED.value:
         from k25.infer.client import ScriptedClient
         from k25.swarm.policies import scripted_policy
