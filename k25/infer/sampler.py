@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import math
 import threading
 from collections import deque
@@ -158,9 +159,7 @@ class Sampler:
         self._lock = threading.RLock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="k25-sampler")
         self._workers: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}
-        self._embed_fn = jax.jit(self._embed_impl, static_argnums=(3, 5))
-        self._prefill_fn = jax.jit(self._prefill_impl, donate_argnums=(1,))
-        self._decode_fn = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnames=("window",))
+        self._embed_fn, self._prefill_fn, self._decode_fn = _compiled(self.graphdef, self.multimodal)
 
     # ------------------------------------------------------------------------------------- weights
     @property
@@ -200,27 +199,6 @@ class Sampler:
             self.state = self._place(new)
 
     # ----------------------------------------------------------------------------------- jitted work
-    def _language_model(self, state: nnx.State) -> tuple[nnx.Module, K2Model]:
-        model = nnx.merge(self.graphdef, state)
-        return model, (model.language_model if self.multimodal else model)
-
-    def _embed_impl(self, state, ids, pixel_values, grid, pixel_values_videos, video_grid):
-        model, lm = self._language_model(state)
-        if not self.multimodal:
-            return lm.embed(ids)
-        return model.embed(ids, pixel_values, grid or None, pixel_values_videos, video_grid or None)
-
-    def _prefill_impl(self, state, cache, embeds, length, slot, temperature, top_p, top_k, seed):
-        _, lm = self._language_model(state)
-        logits, cache = prefill(lm, embeds, length, slot, cache)
-        out = sample(logits, temperature[None], top_p[None], top_k[None], seed[None], jnp.zeros((1,), jnp.int32))
-        return cache, *(o[0] for o in out)
-
-    def _decode_impl(self, state, cache, tokens, positions, temperature, top_p, top_k, seeds, index, *, window):
-        _, lm = self._language_model(state)
-        logits, cache = decode(lm, tokens, positions, cache, window)
-        return cache, *sample(logits, temperature, top_p, top_k, seeds, index)
-
     def _ambient(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
@@ -409,6 +387,34 @@ class Sampler:
         while self._queue:
             self._deliver(self._queue.popleft(), None, error)
         self._reset_cache()
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(graphdef: nnx.GraphDef, multimodal: bool) -> tuple[Any, Any, Any]:
+    """(embed, prefill, decode) jitted for one model structure; shared by every Sampler of that structure, so a
+    second sampler (another scheduling policy, a restarted server) reuses the compiled buckets."""
+
+    def language_model(state: nnx.State) -> tuple[nnx.Module, K2Model]:
+        model = nnx.merge(graphdef, state)
+        return model, (model.language_model if multimodal else model)
+
+    def embed_impl(state, ids, pixel_values, grid, pixel_values_videos, video_grid):
+        model, lm = language_model(state)
+        if not multimodal:
+            return lm.embed(ids)
+        return model.embed(ids, pixel_values, grid or None, pixel_values_videos, video_grid or None)
+
+    def prefill_impl(state, cache, embeds, length, slot, temperature, top_p, top_k, seed):
+        logits, cache = prefill(language_model(state)[1], embeds, length, slot, cache)
+        out = sample(logits, temperature[None], top_p[None], top_k[None], seed[None], jnp.zeros((1,), jnp.int32))
+        return cache, *(o[0] for o in out)
+
+    def decode_impl(state, cache, tokens, positions, temperature, top_p, top_k, seeds, index, *, window):
+        logits, cache = decode(language_model(state)[1], tokens, positions, cache, window)
+        return cache, *sample(logits, temperature, top_p, top_k, seeds, index)
+
+    return (jax.jit(embed_impl, static_argnums=(3, 5)), jax.jit(prefill_impl, donate_argnums=(1,)),
+            jax.jit(decode_impl, donate_argnums=(1,), static_argnames=("window",)))
 
 
 def _check_like(part: dict, ref: dict, path: str) -> None:

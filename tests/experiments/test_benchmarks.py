@@ -21,6 +21,12 @@ CASES = {
                  ["bubble_fraction", "bubble_theory", "a2a_bytes_per_step"]),
     "dep": (["--batch", "8", "--seq", "64", "--max_side", "6", "--bin_size", "64", "--repeats", "1"],
             ["multimodal_efficiency"]),
+    "sample": (["--hidden", "32", "--layers", "2", "--heads", "2", "--experts", "4", "--topk", "2", "--batch", "2",
+                "--seq_len", "8", "--new_tokens", "8", "--repeats", "1", "--recompute_pad", "16",
+                "--recompute_repeats", "1", "--check_steps", "2", "--mixed_requests", "4", "--mixed_slots", "2",
+                "--short", "2,3", "--long", "5,6", "--gap_requests", "2", "--gap_new_tokens", "4"],
+               ["decode_speedup_vs_recompute", "continuous_over_static", "kv_bytes_per_token_k2_full",
+                "logprob_gap_bf16_max", "logprob_gap_bf16_mean"]),
 }
 
 
