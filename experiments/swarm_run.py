@@ -46,6 +46,7 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (App
 _TOP_P = flags.DEFINE_float("top_p", 0.95, "Top-p (Appendix E: 0.95).")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 4096, "Completion tokens per turn.")
 _OUT = flags.DEFINE_string("out", None, "Write every episode's trace here (JSONL).")
+_KEEP = flags.DEFINE_bool("keep_subagent_messages", False, "With --out: keep each subagent's conversation too.")
 _SCRIPTED = flags.DEFINE_bool("scripted", False, "Use the built-in scripted policies (k25.swarm.policies) in this "
                               "process instead of an endpoint: the reference baseline.")
 
@@ -87,7 +88,7 @@ def main(argv: list[str]) -> None:
     tasks = [t for kind in _TASKS.value for t in env.tasks(kind, _SPLIT.value, _NUM.value)]
     rows, traces = asyncio.run(evaluate(tasks, env.tools(), orchestrator=client, subagent=subagent,
                                         single_agent=_SINGLE.value, config=config,
-                                        concurrency=_CONCURRENCY.value))
+                                        concurrency=_CONCURRENCY.value, keep_messages=_KEEP.value))
     for r in rows:
         print(json.dumps(r))
     if _OUT.value:

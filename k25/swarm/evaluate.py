@@ -17,13 +17,14 @@ from k25.swarm.tasks import SwarmTask
 
 
 async def run_task(task: SwarmTask, tools, *, orchestrator: ChatClient, subagent: ChatClient | None = None,
-                   single_agent: bool = False, config: SwarmConfig | None = None) -> tuple[dict, EpisodeTrace]:
+                   single_agent: bool = False, config: SwarmConfig | None = None, keep_messages: bool = False
+                   ) -> tuple[dict, EpisodeTrace]:
     """One episode on `task`; returns (its scores and costs, its trace)."""
     if single_agent:
         trace = await run_single(task.prompt, agent=orchestrator, tools=tools, config=config)
     else:
         trace = await run_swarm(task.prompt, orchestrator=orchestrator, subagent=subagent or orchestrator,
-                                tools=tools, config=config)
+                                tools=tools, config=config, keep_messages=keep_messages)
     row = {"task_id": task.task_id, "kind": task.kind, "status": trace.status, **task.score(trace.answer),
            "critical_steps": trace.critical_steps, "main_steps": trace.main_steps,
            "total_steps": trace.total_steps, "subagents": len(trace.subagents),
@@ -45,9 +46,9 @@ def summarize(rows: Sequence[dict]) -> dict:
 
 
 async def evaluate(tasks: Sequence[SwarmTask], tools, *, orchestrator: ChatClient, subagent: ChatClient | None = None,
-                   single_agent: bool = False, config: SwarmConfig | None = None, concurrency: int = 4
-                   ) -> tuple[list[dict], list[EpisodeTrace]]:
-    """Every task once; results in task order."""
+                   single_agent: bool = False, config: SwarmConfig | None = None, concurrency: int = 4,
+                   keep_messages: bool = False) -> tuple[list[dict], list[EpisodeTrace]]:
+    """Every task once; results in task order. `keep_messages` keeps each subagent's conversation in the trace."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     gate = asyncio.Semaphore(concurrency)
@@ -55,7 +56,7 @@ async def evaluate(tasks: Sequence[SwarmTask], tools, *, orchestrator: ChatClien
     async def one(task):
         async with gate:
             return await run_task(task, tools, orchestrator=orchestrator, subagent=subagent,
-                                  single_agent=single_agent, config=config)
+                                  single_agent=single_agent, config=config, keep_messages=keep_messages)
 
     done = await asyncio.gather(*(one(t) for t in tasks))
     return [r for r, _ in done], [t for _, t in done]

@@ -39,7 +39,7 @@ def test_swarm_run_cli_swarm_and_single_agent(tmp_path, capsys):
     with serve(app) as url:
         args = ["--endpoint", url, "--model", "scripted", "--num_tasks", "1", "--concurrency", "3",
                 "--tasks", "wide_search,deep_search,long_doc"]
-        rows, summary = run_cli(capsys, *args, "--out", str(tmp_path / "t.jsonl"))
+        rows, summary = run_cli(capsys, *args, "--out", str(tmp_path / "t.jsonl"), "--keep_subagent_messages")
         rows1, summary1 = run_cli(capsys, *args, "--single_agent")
     assert [r["kind"] for r in rows] == ["wide_search", "deep_search", "long_doc"]
     assert summary["mode"] == "swarm" and summary1["mode"] == "single_agent"
@@ -52,6 +52,8 @@ def test_swarm_run_cli_swarm_and_single_agent(tmp_path, capsys):
     traces = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert len(traces) == 3 and traces[0]["trace"]["critical_steps"] == rows[0]["critical_steps"]
     assert all(s["main_steps"] == 1 for s in traces[0]["trace"]["stages"])
+    sub = traces[0]["trace"]["stages"][2]["subagents"][0]
+    assert sub["messages"][0]["role"] == "system" and sub["messages"][-1]["content"] == sub["answer"]
     assert app.state.requests > 20
 
 
