@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -33,6 +34,9 @@ from k25.hf.text import (
     text_plan,
 )
 from k25.model.decoder import K2Model
+from k25.parallel.mesh import AXES, state_shardings
+
+_NO_MESH = Mesh(np.empty((), dtype=object), ())
 
 __all__ = ["SAFETENSORS_INDEX", "SINGLE_FILE", "Placement", "Reader", "abstract_state", "config_from_hf",
            "config_to_hf", "load", "load_plan", "model_from_state", "save", "text_params_from_hf",
@@ -84,13 +88,19 @@ def load(path: str, *, mesh: Mesh | None = None, progress: bool = False, on_read
 
     DeepseekV3 / Kimi-K2 directories give a `K2Model`; Kimi-K2.5 directories (a `vision_config` in
     config.json) give the multimodal `K25Model`. Quantized weights are dequantized to the model's weight
-    dtype. With `mesh`, every parameter is created in its sharding on that mesh (k25.parallel.mesh rules) and
-    filled one checkpoint tensor at a time, so host memory holds one tensor, not the model. `progress` shows a
-    bar over the tensors; `on_read(key, array)` sees every array read from disk. Extra keyword arguments
-    override config fields (e.g. `dtype="bfloat16"`).
+    dtype. With `mesh` (default: the mesh set by `jax.set_mesh`, if any), every parameter is created in its
+    sharding on that mesh (k25.parallel.mesh rules) and filled one checkpoint tensor at a time, so host memory
+    holds one tensor, not the model. `progress` shows a bar over the tensors; `on_read(key, array)` sees every
+    array read from disk. Extra keyword arguments override config fields (e.g. `param_dtype="bfloat16"`).
     """
+    if mesh is None and not jax.sharding.get_mesh().empty:
+        mesh = jax.sharding.get_mesh()
+    if mesh is not None and set(mesh.axis_names) != set(AXES):
+        raise ValueError(f"mesh axes {mesh.axis_names}: k25 shards parameters over {AXES} "
+                         "(k25.parallel.mesh.make_mesh builds one).")
     cfg, model_cls, plan, view, ignore = load_plan(path, on_read=on_read, **config_overrides)
-    graphdef, state = abstract_state(model_cls, cfg)
+    with jax.set_mesh(_NO_MESH):  # the model's logical axis names are not mesh axes (see k25/train/loop.py)
+        graphdef, state = abstract_state(model_cls, cfg)
     abstract = nnx.to_pure_dict(state)
     check_plan(plan, abstract, view, ignore)
     bar = None
@@ -103,8 +113,6 @@ def load(path: str, *, mesh: Mesh | None = None, progress: bool = False, on_read
         if mesh is None:
             pure = jax.tree.map(jnp.asarray, assemble(plan, abstract, progress=tick))
         else:
-            from k25.parallel.mesh import state_shardings
-
             pure = place_on_mesh(plan, abstract, state_shardings(state, mesh), progress=tick)
     finally:
         if bar is not None:
