@@ -73,14 +73,14 @@ class PythonSandbox:
     cpu_budget_s: CPU seconds for the whole session (default 60 x timeout_s); each run gets at most timeout_s.
     images: input images bound as variables, {name: PIL image or uint8 array}; kept across restarts.
     max_output_chars / max_images / max_image_pixels: caps on what one call returns.
-    os_isolation / audit_hook: the two defence layers; both on by default (turning one off is for tests that
-        check the other holds on its own).
+    os_isolation / audit_hook / seccomp: the defence layers (seccomp is part of the OS isolation); all on by
+        default (turning one off is for tests that check the others hold on their own).
     """
 
     def __init__(self, timeout_s: float = 10.0, memory_mb: int = 1024, *, disk_mb: int = 64,
                  cpu_budget_s: float | None = None, images: Mapping[str, Any] | None = None,
                  max_output_chars: int = 8000, max_images: int = 8, max_image_pixels: int = 2048 * 2048,
-                 os_isolation: bool = True, audit_hook: bool = True, kill_grace_s: float = 3.0,
+                 os_isolation: bool = True, audit_hook: bool = True, seccomp: bool = True, kill_grace_s: float = 3.0,
                  startup_timeout_s: float = 60.0):
         if timeout_s <= 0 or memory_mb < 128 or disk_mb < 1:
             raise ValueError(f"PythonSandbox needs timeout_s > 0, memory_mb >= 128 and disk_mb >= 1; got "
@@ -96,7 +96,7 @@ class PythonSandbox:
                         "cpu_budget_s": int(cpu_budget_s or max(60.0, 60 * timeout_s)),
                         "max_output_chars": int(max_output_chars), "max_images": int(max_images),
                         "max_image_pixels": int(max_image_pixels), "os_isolation": bool(os_isolation),
-                        "audit_hook": bool(audit_hook)}
+                        "audit_hook": bool(audit_hook), "seccomp": bool(seccomp)}
         self._images: dict[str, Image.Image] = {}
         self._lock = threading.RLock()
         self._proc: subprocess.Popen | None = None

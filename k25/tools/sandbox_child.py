@@ -256,6 +256,57 @@ def _fork_into_pid_namespace(keep_fds: tuple[int, ...], scratch: str) -> None:
     os._exit(os.waitstatus_to_exitcode(status))
 
 
+# seccomp: system calls refused with EPERM (x86_64 numbers, asm/unistd_64.h). Kernel interfaces a Python cell
+# never needs and that are the usual ways into kernel bugs or out of namespaces: tracing, (re)mounting,
+# namespaces, keyrings, BPF, perf, userfaultfd, modules, kexec, cross-process memory, file handles, io_uring,
+# the new mount API, exec. socket() is allowed for AF_UNIX only (no netlink, packet or raw sockets).
+_SECCOMP_X86_64 = {
+    "ptrace": 101, "pivot_root": 155, "chroot": 161, "acct": 163, "mount": 165, "umount2": 166, "swapon": 167,
+    "swapoff": 168, "reboot": 169, "init_module": 175, "delete_module": 176, "kexec_load": 246, "add_key": 248,
+    "request_key": 249, "keyctl": 250, "unshare": 272, "perf_event_open": 298, "name_to_handle_at": 303,
+    "open_by_handle_at": 304, "setns": 308, "process_vm_readv": 310, "process_vm_writev": 311,
+    "finit_module": 313, "kexec_file_load": 320, "bpf": 321, "userfaultfd": 323, "io_uring_setup": 425,
+    "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430,
+    "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442, "execve": 59, "execveat": 322,
+}
+_NR_SOCKET, _NR_CLONE3, _NR_SECCOMP, _AUDIT_ARCH_X86_64 = 41, 435, 317, 0xC000003E
+
+
+def _install_seccomp() -> str:
+    """A classic-BPF deny-list filter on every thread (needs no_new_privs, set before). Returns a description
+    for the isolation report."""
+    import errno
+    import platform
+
+    if platform.machine() != "x86_64":
+        return f"not installed (no syscall table for {platform.machine()})"
+    ctypes, libc = _libc()
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+    allow, kill = 0x7FFF0000, 0x80000000
+    eperm, enosys = 0x00050000 | errno.EPERM, 0x00050000 | errno.ENOSYS
+    prog = [(ld, 0, 0, 4), (jeq, 1, 0, _AUDIT_ARCH_X86_64), (ret, 0, 0, kill),  # another ABI (int 0x80): kill
+            (ld, 0, 0, 0), (jge, 0, 1, 0x40000000), (ret, 0, 0, eperm)]  # x32 system calls
+    for nr in sorted(_SECCOMP_X86_64.values()):
+        prog += [(jeq, 0, 1, nr), (ret, 0, 0, eperm)]
+    prog += [(jeq, 0, 1, _NR_CLONE3), (ret, 0, 0, enosys)]  # so threads fall back to clone(), which NPROC limits
+    prog += [(jeq, 0, 3, _NR_SOCKET), (ld, 0, 0, 16), (jeq, 1, 0, 1), (ret, 0, 0, eperm)]  # args[0] == AF_UNIX
+    prog += [(ret, 0, 0, allow)]
+
+    class SockFilter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+    filters = (SockFilter * len(prog))(*[SockFilter(*ins) for ins in prog])
+    fprog = SockFprog(len(prog), filters)
+    # seccomp(SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, prog): the lifeline thread gets it too
+    if libc.syscall(_NR_SECCOMP, 1, 1, ctypes.byref(fprog)) != 0:
+        err = ctypes.get_errno()
+        return f"not installed ({os.strerror(err)})"
+    return f"deny-list of {len(_SECCOMP_X86_64) + 1} system calls, socket() for AF_UNIX only"
+
+
 def _start_lifeline(fd: int) -> None:
     """Exit as soon as the parent is gone (its end of this pipe closes), even while user code runs."""
 
@@ -360,6 +411,8 @@ def isolate(cfg: dict) -> dict:
             report["no_new_privs"] = True
         if report.get("pids") == "pidns":
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # again: a uid change clears it
+        if report.get("no_new_privs") and cfg.get("seccomp", True):
+            report["seccomp"] = _install_seccomp()
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the file-size limit fail with EFBIG instead
     os.environ.update(HOME=workdir, TMPDIR=workdir)  # caches and temporary files go to the private directory
     report["workdir"] = workdir

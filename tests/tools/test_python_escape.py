@@ -3,7 +3,7 @@ leave the session usable for the next call.
 
 Every attempt runs against the sandbox as shipped ("full": OS isolation + audit hook). Where it is safe to
 run on a shared machine, it also runs with one layer switched off, to show the other holds by itself:
-"os_only" (namespaces, chroot, unprivileged uid, rlimits; no audit hook) and "hook_only" (the audit hook and
+"os_only" (namespaces, chroot, unprivileged uid, rlimits, seccomp; no audit hook) and "hook_only" (the audit hook and
 rlimits alone, as on a kernel without namespaces). Attempts that would be dangerous if the one remaining
 layer failed (a fork bomb or kill(-1) as root) are not run in hook_only mode.
 """
@@ -97,12 +97,28 @@ def test_connect_to_a_port_on_the_host(sandbox, code):
         listener.setblocking(False)
         port = listener.getsockname()[1]
         r = sandbox.run(code.format(port=port))
-        failed(r, sandbox.mode, ("Network is unreachable", "Name or service not known", "gaierror",
+        failed(r, sandbox.mode, ("Operation not permitted", "Network is unreachable", "Name or service not known",
+                                 "gaierror",
                                  "Temporary failure in name resolution", "Address family"))
         time.sleep(0.1)
         with pytest.raises(BlockingIOError):
             listener.accept()  # nothing ever connected
     still_works(sandbox)
+
+
+def test_network_namespace_alone_has_no_route_to_the_host():
+    """seccomp already refuses AF_INET sockets; without it (and without the hook) the namespace stops them."""
+    with socket.socket() as listener, PythonSandbox(timeout_s=30, memory_mb=512, audit_hook=False,
+                                                    seccomp=False) as sb:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        listener.setblocking(False)
+        assert "seccomp" not in sb.isolation and sb.isolation["network"] == "netns"
+        r = sb.run(f"import socket; socket.create_connection(('127.0.0.1', {listener.getsockname()[1]}), timeout=1)")
+        assert r.error is not None and "Network is unreachable" in r.error, r.error
+        time.sleep(0.1)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
 
 
 def descendants(pid):
@@ -137,7 +153,7 @@ def test_start_a_subprocess(sandbox, outside, code):
     before = descendants(sandbox._proc.pid)
     r = sandbox.run(code.format(marker=marker))
     failed(r, sandbox.mode, ("BlockingIOError", "Resource temporarily unavailable", "shell failed",
-                             "FileNotFoundError", "OSError"))
+                             "FileNotFoundError", "OSError", "Operation not permitted"))
     assert not os.path.exists(marker)
     assert descendants(sandbox._proc.pid) == before
     still_works(sandbox)
@@ -227,19 +243,21 @@ def test_huge_error_and_unicode_output(sandbox):
 @pytest.mark.parametrize("sandbox", ["full", "os_only"], indirect=True)
 def test_ctypes(sandbox):
     """With the hook, ctypes cannot even load a library. Without it, native calls run, yet as the sandbox's
-    uid inside its chroot and PID namespace they can neither signal the parent, regain root, leave the
-    chroot, nor leave through a new user namespace."""
+    uid inside its chroot and PID namespace, under seccomp, they can neither signal the parent, regain root,
+    leave the chroot or through a new namespace, trace, open netlink sockets nor exec."""
     got = []
     old = signal.signal(signal.SIGUSR1, lambda *a: got.append(a))
     try:
         r = sandbox.run(
             "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
             f"(libc.kill({os.getpid()}, {int(signal.SIGUSR1)}), libc.setuid(0), libc.chroot(b'/'), "
-            "libc.unshare(0x10000000), libc.unshare(0x40000000))")
+            "libc.unshare(0x10000000), libc.unshare(0x40000000), libc.ptrace(0, 0, 0, 0), libc.socket(16, 3, 0), "
+            "libc.execv(b'/usr/bin/true', None))")
         if sandbox.mode == "full":
             assert "PermissionError: sandbox: ctypes is not allowed" in r.error
         else:
-            assert r.error is None and r.text.endswith(": (-1, -1, -1, -1, -1)\n"), r
+            # seccomp refuses ptrace, netlink sockets and exec even to native code
+            assert r.error is None and r.text.endswith(": (-1, -1, -1, -1, -1, -1, -1, -1)\n"), r
         r = sandbox.run("import numpy as np\nnp.ctypeslib.as_ctypes(np.zeros(3)); import ctypes\n"
                         "ctypes.string_at(id(1), 16)")
         if sandbox.mode == "full":
