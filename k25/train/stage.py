@@ -21,6 +21,7 @@ STAGES = {
     "vit": "k25.train.vit_coca:ViTStage",
     "k25": "k25.train.joint:JointStage",
     "rl": "k25.rl.trainer:RLStage",
+    "sft": "k25.train.sft:SFTStage",
 }
 
 
