@@ -11,8 +11,10 @@ caller never hangs and always gets a `ToolResult`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -55,10 +57,10 @@ def _as_image(name: str, img: Any) -> Image.Image:
 
 def _describe_exit(code: int | None) -> str:
     if code is None:
-        return "stopped answering"
+        return "stopped unexpectedly"
     if code < 0:
         sig = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
-        why = {"SIGKILL": " (killed: e.g. its CPU-time budget ran out)", "SIGXCPU": " (CPU-time limit)",
+        why = {"SIGKILL": " (killed: its CPU-time budget or the memory ran out)", "SIGXCPU": " (CPU-time limit)",
                "SIGSEGV": " (crashed)", "SIGABRT": " (aborted)", "SIGBUS": " (crashed)"}.get(sig, "")
         return f"was terminated by {sig}{why}"
     return f"exited with code {code}"
@@ -106,6 +108,7 @@ class PythonSandbox:
         self.isolation: dict[str, Any] = {}
         self.restarts = 0
         self._lost_state = False
+        self._answered: collections.deque[str] = collections.deque(maxlen=8)  # ids of the last calls answered
         if images:
             self.bind_images(images)
 
@@ -288,12 +291,17 @@ class PythonSandbox:
         req_w, resp_r, _ = self._fds
         deadline = time.monotonic() + self.timeout_s + self.kill_grace_s
         cap = 24 * self.max_output_chars + (1 << 20)  # text + error, JSON-escaped (up to 12 bytes a character)
+        call_id = os.urandom(8).hex()  # the answer must echo it: a reply forged by the cell is told apart
         try:
-            send_msg(req_w, {"op": "run", "code": code, "timeout_s": self.timeout_s})
-            header, blobs = recv_msg(resp_r, deadline=deadline, max_header=cap,
-                                     max_blobs=self._config["max_images"] * self._config["max_image_pixels"] * 4)
-            if header.get("op") != "result":
-                raise ProtocolError(f"unexpected message {header.get('op')!r}")
+            send_msg(req_w, {"op": "run", "id": call_id, "code": code, "timeout_s": self.timeout_s})
+            for _ in range(4):  # skip the real answer to an earlier call that a forged reply had preceded
+                header, blobs = recv_msg(resp_r, deadline=deadline, max_header=cap,
+                                         max_blobs=self._config["max_images"] * self._config["max_image_pixels"] * 4)
+                if header.get("id") not in self._answered:
+                    break
+            if header.get("op") != "result" or header.get("id") != call_id:
+                raise ProtocolError("a reply that does not answer this call")
+            self._answered.append(call_id)
             images = self._decode_images(header.get("images", []), blobs)
             text, error = header.get("text", ""), header.get("error")
             if not isinstance(text, str) or not (error is None or isinstance(error, str)):
@@ -303,19 +311,22 @@ class PythonSandbox:
             error = None if error is None else error.encode("utf-8", "replace").decode("utf-8")
             if header.get("restart"):  # the session's CPU budget is spent: the child exits after answering
                 self._restart_later()
+            elif select.select([resp_r], [], [], 0)[0]:  # more bytes than one answer: the cell wrote to the pipe
+                self._restart_later()
+                text += ("\n" if text else "") + "[the Python session wrote to the tool's own pipe and was restarted]"
             return ToolResult(text=text, images=images, error=error)
         except TimeoutError:
             self._restart_later()
             return ToolResult(error=f"TimeoutError: the code did not finish within the {self.timeout_s:g} s limit and "
                                     "was stopped; the Python session was restarted, so earlier variables are gone")
         except (OSError, ProtocolError) as e:
+            closed = isinstance(e, OSError) or str(e) == "pipe closed"  # it died (or closed its end) mid-call
             proc = self._proc
             try:
-                code_ = proc.wait(timeout=2) if proc is not None else None
+                code_ = proc.wait(timeout=5 if closed else 0.1) if proc is not None else None
             except subprocess.TimeoutExpired:
                 code_ = None
-            why = _describe_exit(code_) if not isinstance(e, ProtocolError) or code_ is not None else \
-                f"broke the tool protocol ({e})"
+            why = _describe_exit(code_) if closed else f"broke the tool protocol ({e})"
             self._restart_later()
             return ToolResult(error=f"SandboxError: the Python process {why}; the session was restarted, so "
                                     "earlier variables are gone")

@@ -756,8 +756,8 @@ def main() -> None:
         elif header["op"] == "run":
             text, error = session.run(header["code"], header["timeout_s"])
             specs, blobs = session.result_blobs()
-            send_msg(resp_fd, {"op": "result", "text": text, "error": error, "images": specs,
-                               "restart": session.exhausted}, blobs)
+            send_msg(resp_fd, {"op": "result", "id": header.get("id"), "text": text, "error": error,
+                               "images": specs, "restart": session.exhausted}, blobs)
             if session.exhausted:
                 os._exit(0)  # the parent replaces the process at the next call
 

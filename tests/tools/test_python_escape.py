@@ -106,6 +106,35 @@ def test_connect_to_a_port_on_the_host(sandbox, code):
     still_works(sandbox)
 
 
+@pytest.mark.parametrize("sandbox", ["full", "os_only"], indirect=True)
+def test_forge_or_corrupt_the_tool_protocol(sandbox):
+    """The cell can write to the reply pipe (its number is in sys.argv): garbage, a frame with a wrong id, or a
+    well-formed frame with the right id read from the child's frames. Garbage and wrong ids end in a restart;
+    a frame with the right id is the cell's own output for its own call (the real answer that follows it is
+    skipped, or the session restarted if it is already there). Never does it reach a later call."""
+    frame = ("import json, os, struct, sys\n"
+             "def frame(h):\n"
+             "    raw = json.dumps(dict(h, blob_sizes=[])).encode()\n"
+             "    os.write(int(sys.argv[2]), struct.pack('<Q', len(raw)) + raw)\n")
+    attempts = [
+        "import os, sys; os.write(int(sys.argv[2]), b'\\xff' * 8 + b'junk')",
+        frame + "frame({'op': 'result', 'id': 'guess', 'text': 'forged', 'error': None, 'images': []})",
+        frame + "f = sys._getframe()\nwhile 'header' not in f.f_locals: f = f.f_back\n"
+                "frame({'op': 'result', 'id': f.f_locals['header']['id'], 'text': 'forged', 'error': None, 'images': []})",
+    ]
+    for i, code in enumerate(attempts):
+        before = sandbox.restarts
+        r = sandbox.run(code)
+        if i < 2:
+            assert r.error.startswith("SandboxError: the Python process broke the tool protocol"), r
+        else:
+            assert r.error is None and r.text.startswith("forged"), r
+        for _ in range(2):
+            r = sandbox.run("'own answer'")
+            assert r.error is None and r.text.endswith(": 'own answer'\n"), r
+        assert sandbox.restarts == before + (i < 2) or (i == 2 and sandbox.restarts == before + 1)
+
+
 def test_network_namespace_alone_has_no_route_to_the_host():
     """seccomp already refuses AF_INET sockets; without it (and without the hook) the namespace stops them."""
     with socket.socket() as listener, PythonSandbox(timeout_s=30, memory_mb=512, audit_hook=False,
