@@ -261,12 +261,13 @@ def test_huge_output(sandbox, code):
 @pytest.mark.parametrize("sandbox", ["full"], indirect=True)
 def test_huge_error_and_unicode_output(sandbox):
     sandbox.run("kept = 1")
+    restarts = sandbox.restarts
     r = sandbox.run("raise ValueError('x' * 10 ** 7)")
     assert len(r.error) < 1200 and r.error.startswith("Traceback") and "[output truncated:" in r.error
     r = sandbox.run("print('\\U0001F600' * 10 ** 5 + '\\ud800')")
     assert r.error is None and "[output truncated:" in r.text and "\U0001F600" in r.text
     assert r.text.encode("utf-8").decode("utf-8").endswith("?\n")  # the lone surrogate, made encodable
-    assert sandbox.restarts == 0 and sandbox.run("kept").text.endswith(": 1\n")
+    assert sandbox.restarts == restarts and sandbox.run("kept").text.endswith(": 1\n")
 
 
 @pytest.mark.parametrize("sandbox", ["full", "os_only"], indirect=True)
