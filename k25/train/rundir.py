@@ -3,8 +3,8 @@
 The layout is the training runtime's (k25/train/checkpoint.py): `DIR/config.json` and orbax checkpoints under
 `DIR/checkpoints/<step>/{state,data,meta}` whose `state` holds `params` and `buffers` pure dicts (a trained
 run's state also holds the optimizer state; readers take only the model). So `--config.init_from=DIR` (which
-reads `state["params"][part]`, see k25/train/vit_coca.py) and anything that restores a run's model accept a
-converted directory like a trained one.
+reads the latest checkpoint's `state["params"]` / `state["buffers"]`, k25/train/init_from.py) and anything that
+restores a run's model accept a converted directory like a trained one.
 
 config.json carries what rebuilds the model: `model_config` ({"kind": "k2" | "k25", "config": the K2Config /
 K25Config dict}), and the experiment-style fields the stages read (`stage`, `model` for the text LM stage;
@@ -19,12 +19,12 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from k25.model.config import K2Config
 from k25.model.vision_config import K25Config, MoonViTConfig
 from k25.train.checkpoint import Checkpointer
+from k25.train.init_from import latest_params
 from k25.train.state import split_model
 
 
@@ -80,20 +80,14 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def read_model_run(workdir: str, step: int | None = None) -> nnx.Module:
-    """The model of a run directory's checkpoint (default: the latest), on the default device."""
+def read_model_run(workdir: str) -> nnx.Module:
+    """The model of a run directory's latest checkpoint (what `--config.init_from` reads), on the default device."""
     from k25.hf.text import model_from_state
 
     with open(os.path.join(workdir, "config.json")) as f:
         cfg = model_config(json.load(f))
-    ckpt = Checkpointer(workdir, async_save=False)
-    step = ckpt.latest_step() if step is None else step
-    ckpt.close()
-    if step is None:
-        raise ValueError(f"{workdir}: no checkpoint under checkpoints/.")
-    state = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(workdir), "checkpoints", str(step),
-                                                            "state"))
-    pure = jax.tree.map(np.asarray, _merge(state["params"], state.get("buffers", {})))
+    saved = latest_params(workdir, "run directory")
+    pure = jax.tree.map(np.asarray, _merge(saved["params"], saved["buffers"]))
     if isinstance(cfg, K25Config):
         from k25.model.k25 import K25Model
 

@@ -5,10 +5,12 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from hf_synthetic import write_int4
 from model_leaves import assert_same_leaves
 
@@ -100,3 +102,25 @@ def test_k25_both_directions(tmp_path):
     assert set(theirs.keys()) == set(mine.keys())
     for k in theirs.keys():
         np.testing.assert_array_equal(mine.get(k), theirs.get(k), err_msg=k)
+
+
+def test_converted_run_dir_starts_an_lm_run(tmp_path):
+    """`--config.init_from=<converted dir>`: the text LM stage builds its model from the converted weights."""
+    from experiments.long_context import get_config
+    from k25.model.config import K2Config
+    from k25.model.decoder import K2Model
+    from k25.train.pretrain import TextLMStage
+
+    config = get_config("base,smoke")
+    cfg = K2Config.from_dict(config.model.to_dict())
+    _, state = hf.abstract_state(K2Model, cfg)
+    rng = np.random.default_rng(5)
+    model = hf.model_from_state(cfg, jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
+                                                  nnx.to_pure_dict(state)))
+    hf.save(model, str(tmp_path / "hf"))  # as if released: an HF directory
+    convert(str(tmp_path / "hf"), str(tmp_path / "run"), progress=False)
+    with config.unlocked():
+        config.init_from = str(tmp_path / "run")
+    stage = TextLMStage(config)
+    built = jax.jit(lambda: nnx.to_pure_dict(nnx.state(stage.build_model(nnx.Rngs(0)))))()  # as Trainer.init_state
+    assert_same_leaves(model, hf.model_from_state(cfg, built))
