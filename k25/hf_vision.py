@@ -48,8 +48,32 @@ def to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+# The released Kimi-K2.5 config.json spells its vision_config for Moonshot's own modeling code: these keys
+# name the fields transformers' Kimi_K25VisionConfig (and MoonViTConfig) call otherwise.
+RELEASED_VISION_KEYS = {"vt_hidden_size": "hidden_size", "vt_intermediate_size": "intermediate_size",
+                        "vt_num_attention_heads": "num_attention_heads", "vt_num_hidden_layers": "num_hidden_layers",
+                        "init_pos_emb_height": "pos_emb_height", "init_pos_emb_width": "pos_emb_width",
+                        "init_pos_emb_time": "pos_emb_time"}
+# ... and these describe the one architecture MoonViT-3D implements; another value is another model
+RELEASED_VISION_KINDS = {"merge_type": "sd2_tpool", "pos_emb_type": "divided_fixed",
+                         "video_attn_type": "spatial_temporal", "mm_projector_type": "patchmerger"}
+
+
+def _released_vision(d: Mapping[str, Any]) -> dict[str, Any]:
+    """transformers' vision_config spelling of a released one (unchanged if it already is)."""
+    d = dict(d)
+    for key, want in RELEASED_VISION_KINDS.items():
+        if d.get(key, want) != want:
+            raise ValueError(f"config.json: vision_config.{key}={d[key]!r}; k25's MoonViT-3D is {key}={want!r}.")
+    for old, new in RELEASED_VISION_KEYS.items():
+        if old in d:
+            d.setdefault(new, d[old])
+    return d
+
+
 def vision_config_from_hf(d: Mapping[str, Any], **overrides: Any) -> MoonViTConfig:
-    """MoonViTConfig from an HF `vision_config` dict (`config.vision_config.to_dict()`)."""
+    """MoonViTConfig from an HF `vision_config` dict (transformers' `to_dict()` or the released spelling)."""
+    d = _released_vision(d)
     rope = d.get("rope_parameters") or {}
     if rope.get("rope_type", "axial") != "axial":
         raise ValueError(f"vision rope_parameters.rope_type={rope.get('rope_type')!r}: only 'axial' exists.")
@@ -242,13 +266,17 @@ def k25_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> K25Config:
     text_kw.update({k: v for k, v in overrides.items() if k in text_fields})
     vision_kw = {"dtype": "float32", **{k: v for k, v in overrides.items() if k in vision_fields}}
     vision = vision_config_from_hf(hf["vision_config"], **vision_kw)
+    released = hf["vision_config"]  # the release keeps the projector's fields there, and one media token
     defaults = K25Config()
+    tokens = {k: hf.get(k, getattr(defaults, k)) for k in ("image_token_id", "video_token_id",
+                                                           "vision_start_token_id", "vision_end_token_id")}
+    if "image_token_id" not in hf and "media_placeholder_token_id" in hf:
+        tokens["image_token_id"] = hf["media_placeholder_token_id"]
     return K25Config(
         text_config=config_from_hf(dict(hf["text_config"]), **text_kw), vision_config=vision,
-        projection_hidden_size=hf.get("projection_hidden_size") or vision.hidden_size,
-        projection_layer_norm_eps=hf.get("projection_layer_norm_eps", defaults.projection_layer_norm_eps),
-        **{k: hf.get(k, getattr(defaults, k)) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                                        "vision_end_token_id")}).validate()
+        projection_hidden_size=hf.get("projection_hidden_size") or released.get("mm_hidden_size") or vision.hidden_size,
+        projection_layer_norm_eps=hf.get("projection_layer_norm_eps", released.get(
+            "projector_ln_eps", defaults.projection_layer_norm_eps)), **tokens).validate()
 
 
 def k25_config_to_hf(cfg: K25Config) -> dict[str, Any]:

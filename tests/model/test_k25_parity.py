@@ -8,6 +8,7 @@ video reference is built chunk by chunk through its vision tower and projector a
 model's input embeddings here.
 """
 
+import json
 import shutil
 
 import jax
@@ -263,3 +264,34 @@ def test_int4_experts_in_the_released_k25_format(reference, models, tmp_path):
     for path_, leaf in la.items():
         if "experts" not in jax.tree_util.keystr(path_):
             np.testing.assert_array_equal(np.asarray(lb[path_]), np.asarray(leaf))
+
+
+def test_released_config_spelling(reference):
+    """The release's config.json is written for Moonshot's own code (vt_* / init_pos_emb_* vision keys,
+    mm_hidden_size, projector_ln_eps, media_placeholder_token_id, text model_type kimi_k2 with rope_scaling)."""
+    from k25.hf_vision import k25_config_from_hf
+
+    _, path = reference
+    written = json.load(open(f"{path}/config.json"))
+    v = written["vision_config"]
+    released = {k: w for k, w in written.items() if k not in ("image_token_id", "projection_hidden_size",
+                                                              "projection_layer_norm_eps", "vision_config")}
+    released["media_placeholder_token_id"] = written["image_token_id"]
+    released["vision_config"] = {
+        "vt_hidden_size": v["hidden_size"], "vt_intermediate_size": v["intermediate_size"],
+        "vt_num_attention_heads": v["num_attention_heads"], "vt_num_hidden_layers": v["num_hidden_layers"],
+        "init_pos_emb_height": v["pos_emb_height"], "init_pos_emb_width": v["pos_emb_width"],
+        "init_pos_emb_time": v["pos_emb_time"], "patch_size": v["patch_size"],
+        "merge_kernel_size": v["merge_kernel_size"], "merge_type": "sd2_tpool", "pos_emb_type": "divided_fixed",
+        "video_attn_type": "spatial_temporal", "mm_projector_type": "patchmerger",
+        "mm_hidden_size": written["projection_hidden_size"], "projector_ln_eps": written["projection_layer_norm_eps"],
+        "text_hidden_size": written["text_config"]["hidden_size"], "projector_hidden_act": "gelu"}
+    text = dict(written["text_config"], model_type="kimi_k2")
+    rope = dict(text.pop("rope_parameters"))
+    text["rope_theta"] = rope.pop("rope_theta")
+    text["rope_scaling"] = rope
+    released["text_config"] = text
+    assert k25_config_from_hf(released) == k25_config_from_hf(written)
+    released["vision_config"]["merge_type"] = "sd2"
+    with pytest.raises(ValueError, match="merge_type"):
+        k25_config_from_hf(released)
