@@ -134,3 +134,7 @@ def test_extra_tensors_are_named_and_mtp_layers_skipped(tmp_path):
     (tmp_path / "mtp" / "config.json").write_text(json.dumps(dict(cfg, num_nextn_predict_layers=0)))
     with pytest.raises(ValueError, match=r"could not place checkpoint tensor\(s\) model\.layers\.2\.eh_proj\.weight"):
         hf.load(str(tmp_path / "mtp"))
+    # tied embeddings: a stored lm_head is not used (transformers ties it to the embeddings)
+    (tmp_path / "ref" / "config.json").write_text(json.dumps(dict(cfg, tie_word_embeddings=True)))
+    assert "lm_head.weight" in hf.Reader(str(tmp_path / "ref"))
+    assert hf.load(str(tmp_path / "ref")).cfg.tie_word_embeddings

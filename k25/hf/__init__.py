@@ -51,13 +51,15 @@ def read_config(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def _extra_layers(hf: dict[str, Any]) -> Callable[[str], bool]:
-    """Multi-token-prediction layers (`num_nextn_predict_layers`, e.g. DeepSeek-V3's layer 61) that k25
-    does not model; transformers skips them on load too."""
+def _skipped(hf: dict[str, Any], tied: bool) -> Callable[[str], bool]:
+    """Tensors k25 does not use, as transformers skips them too: multi-token-prediction layers
+    (`num_nextn_predict_layers`, e.g. DeepSeek-V3's layer 61) and a stored lm_head when embeddings are tied."""
     text = hf.get("text_config", hf)
     n, extra = int(text.get("num_hidden_layers", 0)), int(text.get("num_nextn_predict_layers") or 0)
 
     def ignore(key: str) -> bool:
+        if tied and key in ("lm_head.weight", "language_model.lm_head.weight"):
+            return True
         m = re.search(r"layers\.(\d+)\.", key)
         return bool(extra and m and n <= int(m.group(1)) < n + extra)
 
@@ -75,11 +77,11 @@ def load_plan(path: str, on_read: Callable | None = None, **config_overrides: An
         heads = int(hf["vision_config"].get("num_attention_heads", 16))
         view = K25Names(view, heads)
         cfg, plan = k25_plan(hf, view, **config_overrides)
-        return cfg, K25Model, plan, view, _extra_layers(hf)
+        return cfg, K25Model, plan, view, _skipped(hf, cfg.text_config.tie_word_embeddings)
     config_overrides.setdefault("dtype", "float32")
     cfg = config_from_hf(hf, **config_overrides)
     plan = text_plan(view.get, view.__contains__, cfg, rope_interleave=hf.get("rope_interleave", True))
-    return cfg, K2Model, plan, view, _extra_layers(hf)
+    return cfg, K2Model, plan, view, _skipped(hf, cfg.tie_word_embeddings)
 
 
 def load(path: str, *, mesh: Mesh | None = None, progress: bool = False, on_read: Callable | None = None,
