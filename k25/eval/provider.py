@@ -33,7 +33,7 @@ from inspect_ai.model import (
 )
 from inspect_ai.tool import ToolChoice, ToolFunction, ToolInfo
 
-from k25.infer.client import ChatClient, ChatResult, assistant_message
+from k25.infer.client import ChatClient, ChatResult, ClientError, assistant_message
 
 PROMPT_FORMATS = ("auto", "chat", "raw")
 # stages that train on plain packed text; their checkpoints have never seen the chat template
@@ -93,6 +93,14 @@ def raw_prompt(messages: list[dict]) -> str:
     return "".join(parts)
 
 
+def resolve_format(prompt_format: str, stage: str) -> str:
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"k25 model arg prompt_format={prompt_format!r}; choose one of {PROMPT_FORMATS}.")
+    if prompt_format == "auto":
+        return "raw" if stage in RAW_STAGES else "chat"
+    return prompt_format
+
+
 def run_stage(path: str) -> str:
     """The training stage of a k25 run directory (its config.json), "hf" for anything else."""
     cfg = os.path.join(path, "config.json")
@@ -102,20 +110,35 @@ def run_stage(path: str) -> str:
     return "hf"
 
 
-async def complete_raw(client: Any, text: str, *, temperature: float, top_p: float, max_tokens: int,
-                       seed: int | None, stop: list[str] | None) -> ChatResult:
-    """Continue bos + text with the sampler, stopping at eos: the prompt the pre-training stage trained on and
-    its held-out eval (`TextLMStage.evaluate`) decodes from."""
-    engine = client.engine
-    tok = engine.chat.tokenizer
-    ids = [tok.bos_id, *tok.encode(text)]
-    max_new = engine.check_length(len(ids), max_tokens)
-    (choice,) = await engine.generate(ids, n=1, max_tokens=max_new, temperature=temperature, top_p=top_p,
-                                      top_k=None, seed=seed, stop_ids=(tok.eos_id,), stop=list(stop or ()),
-                                      top_logprobs=0)
-    out = [t for t in choice.token_ids if t != tok.eos_id]
-    return ChatResult(assistant_message(tok.decode(out)), choice.finish_reason, prompt_ids=ids,
-                      token_ids=list(choice.token_ids), logprobs=list(choice.logprobs))
+class RawClient:
+    """A base checkpoint (a pre-training stage never saw the chat format): continues bos + text with the
+    sampler, stopping at eos -- the prompt the stage trained on and its held-out eval
+    (`TextLMStage.evaluate`) decodes from. It has no chat turns; `chat` says so."""
+
+    def __init__(self, sampler: Any, tokenizer: Any, *, model: str, max_slots: int) -> None:
+        self.sampler, self.tokenizer, self.model, self.max_slots = sampler, tokenizer, model, max_slots
+
+    async def chat(self, messages, **kwargs) -> ChatResult:
+        raise ClientError(f"{self.model} is a base checkpoint without a chat format; use prompt_format='raw' "
+                          "with single-turn text tasks")
+
+    async def complete(self, text: str, *, temperature: float, top_p: float, max_tokens: int, seed: int | None,
+                       stop: list[str] | None) -> ChatResult:
+        from k25.infer import Request
+
+        tok = self.tokenizer
+        ids = [tok.bos_id, *tok.encode(text)]
+        room = self.sampler.max_len - len(ids)
+        if room < 1:
+            raise ClientError(f"{self.model}: the prompt has {len(ids)} tokens, past the context of "
+                              f"{self.sampler.max_len}; raise -M max_len")
+        c = await self.sampler.submit(Request(ids, min(max_tokens, room), temperature=temperature, top_p=top_p,
+                                              stop_ids=(tok.eos_id,), seed=seed or 0))
+        text = tok.decode([t for t in c.token_ids if t != tok.eos_id])
+        for s in stop or ():
+            text = text.split(s, 1)[0] if s else text
+        return ChatResult(assistant_message(text), c.finish_reason, prompt_ids=list(c.prompt_ids),
+                          token_ids=list(c.token_ids), logprobs=list(c.logprobs))
 
 
 class K25ModelAPI(ModelAPI):
@@ -125,10 +148,10 @@ class K25ModelAPI(ModelAPI):
                  config: GenerateConfig | None = None, client: ChatClient | None = None,
                  prompt_format: str = "auto", **model_args: Any) -> None:
         super().__init__(model_name, base_url, api_key, [], config or GenerateConfig())
-        if prompt_format not in PROMPT_FORMATS:
-            raise ValueError(f"k25 model arg prompt_format={prompt_format!r}; choose one of {PROMPT_FORMATS}.")
+        resolve_format(prompt_format, "")  # validates
         if client is None:
-            client = self.load_client(model_name, **model_args)
+            client = self.load_client(model_name, prompt_format=prompt_format, **model_args)
+            prompt_format = resolve_format(prompt_format, run_stage(model_name))
         elif model_args:
             raise ValueError(f"k25 model args {sorted(model_args)} only apply when loading a checkpoint, "
                              "not with a ready `client`.")
@@ -136,28 +159,29 @@ class K25ModelAPI(ModelAPI):
             raise TypeError(f"k25 model arg client={client!r} does not implement k25.infer.client.ChatClient.")
         self.client = client
         if prompt_format == "auto":
-            stage = getattr(client, "stage", None)
-            prompt_format = "raw" if stage in RAW_STAGES else "chat"
-        if prompt_format == "raw" and getattr(client, "engine", None) is None:
-            raise ValueError(f"prompt_format='raw' needs the in-process sampler (a SamplerClient); "
+            prompt_format = "raw" if isinstance(client, RawClient) else "chat"
+        if prompt_format == "raw" and not isinstance(client, RawClient):
+            raise ValueError(f"prompt_format='raw' needs a base checkpoint served raw (RawClient); "
                              f"{type(client).__name__} only chats.")
         self.prompt_format = prompt_format
 
     @staticmethod
-    def load_client(path: str, *, max_slots: int = 8, max_len: int = 2048, cache_dtype: str = "float32",
-                    thinking: bool = True) -> ChatClient:
-        """A SamplerClient over the checkpoint at `path` (a k25 run directory or an HF directory), with `stage`
-        set from the run's config ("hf" for an HF directory) so that prompt_format="auto" can choose."""
+    def load_client(path: str, *, prompt_format: str = "auto", max_slots: int = 8, max_len: int = 2048,
+                    cache_dtype: str = "float32", thinking: bool = True) -> ChatClient:
+        """The checkpoint at `path` (a k25 run directory or an HF directory) behind the sampler: a SamplerClient
+        (chat format) or, for prompt_format "raw" ("auto" on a pre-training run), a RawClient."""
         import jax.numpy as jnp
 
         from k25.infer import Sampler
-        from k25.infer.client import SamplerClient
         from k25.serve.load import load_checkpoint
 
         model, chat = load_checkpoint(path)
         sampler = Sampler(model, max_slots=int(max_slots), max_len=int(max_len), cache_dtype=getattr(jnp, cache_dtype))
+        if resolve_format(prompt_format, run_stage(path)) == "raw":
+            return RawClient(sampler, chat.tokenizer, model=path, max_slots=int(max_slots))
+        from k25.infer.client import SamplerClient
+
         client = SamplerClient(sampler, chat, model=path, thinking=thinking)
-        client.stage = run_stage(path)
         client.max_slots = int(max_slots)
         return client
 
@@ -173,7 +197,7 @@ class K25ModelAPI(ModelAPI):
             top_p=1.0 if config.top_p is None else config.top_p,
             max_tokens=config.max_tokens or 512, seed=config.seed, stop=config.stop_seqs)
         if self.prompt_format == "raw":
-            result = await complete_raw(self.client, raw_prompt(messages), **kwargs)
+            result = await self.client.complete(raw_prompt(messages), **kwargs)
         else:
             offered = select_tools(tools, tool_choice)
             if config.reasoning_effort == "none":

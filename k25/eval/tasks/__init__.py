@@ -1,0 +1,1 @@
+"""The project's held-out evals as inspect tasks, so one harness serves every stage and any served model."""
