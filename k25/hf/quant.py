@@ -79,12 +79,13 @@ def dequantize_fp8_block(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int,
 
 
 def unpack_int32(packed: np.ndarray, num_bits: int, cols: int) -> np.ndarray:
-    """Signed ints (rows, cols) from compressed-tensors' dense little-endian int32 packing."""
+    """Signed ints (rows, cols) from compressed-tensors' dense little-endian int32 packing (1, 2, 4 or 8 bits:
+    widths that divide a byte, so element i sits at bit (i * bits) % 8 of byte (i * bits) // 8)."""
     rows = packed.shape[0]
     raw = np.ascontiguousarray(packed.astype("<i4")).view(np.uint8).reshape(rows, -1)
-    bits = np.unpackbits(raw, axis=1, bitorder="little")[:, :cols * num_bits].reshape(rows, cols, num_bits)
-    values = (bits.astype(np.int32) << np.arange(num_bits, dtype=np.int32)).sum(-1)
-    return (values - (1 << (num_bits - 1))).astype(np.int8)
+    per_byte, mask = 8 // num_bits, (1 << num_bits) - 1
+    values = np.stack([(raw >> (num_bits * i)) & mask for i in range(per_byte)], axis=-1).reshape(rows, -1)
+    return (values[:, :cols].astype(np.int16) - (1 << (num_bits - 1))).astype(np.int8)
 
 
 def dequantize_packed(packed: np.ndarray, scale: np.ndarray, shape: np.ndarray, scheme: dict[str, Any]
