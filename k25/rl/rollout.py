@@ -53,7 +53,7 @@ class SamplerPolicy:
 
     def __init__(self, sampler: Any):
         self.sampler = sampler
-        self.max_slots = sampler.max_slots
+        self.max_slots, self.max_len = sampler.max_slots, sampler.max_len
 
     async def generate(self, prompt_ids, *, max_new_tokens, temperature, top_p, stop_ids, seed):
         from k25.infer import Request
@@ -72,10 +72,11 @@ class EndpointPolicy:
     endpoint that ignores it generates on, and the completion is cut after the first stop id here, which is
     the same token sequence (later tokens never change earlier ones)."""
 
-    def __init__(self, model: str, *, base_url: str, api_key: str | None = None, timeout_s: float = 120.0):
+    def __init__(self, model: str, *, base_url: str, api_key: str | None = None, timeout_s: float = 120.0,
+                 max_len: int = 0):
         import openai
 
-        self.model = model
+        self.model, self.max_len = model, max_len  # max_len: the endpoint's context (0: unknown)
         self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout_s,
                                           max_retries=0)
 
@@ -152,7 +153,8 @@ class RolloutConfig:
     max_new_tokens. max_inflight: policy calls in flight (default: the sampler's slots).
     generate_timeout_s / episode_timeout_s: wall time of one policy call / of an episode's work in one
     iteration; a timed-out call is retried with the same request, a timed-out episode restarted, each up to
-    max_retries times, then the episode fails. max_staleness / stale: see the module docstring."""
+    max_retries times, then the episode fails; 0 = no limit (an in-process sampler, whose first calls
+    compile). max_staleness / stale: see the module docstring."""
 
     group_size: int = 4
     tokens_per_iteration: int = 256
@@ -247,6 +249,7 @@ class RolloutManager:
         self.totals = {"started": 0, "finished": 0, "failed": 0, "restarted_stale": 0, "flagged_stale": 0,
                        "timeouts": 0, "retries": 0}
         self._sem: asyncio.Semaphore | None = None
+        self.max_len = int(getattr(policy, "max_len", 0) or 0)  # context limit, when the policy has one
 
     # ------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -324,7 +327,7 @@ class RolloutManager:
                                            versions=list(ep.versions), info=dict(ep.info))
             env = await self.pool.acquire()
             try:
-                await asyncio.wait_for(self._advance(ep, env), c.episode_timeout_s)
+                await asyncio.wait_for(self._advance(ep, env), c.episode_timeout_s or None)
                 return
             except _Suspend:
                 ep.env_state = env.state_dict()
@@ -353,9 +356,11 @@ class RolloutManager:
                 async with self._sem:
                     return await asyncio.wait_for(self.policy.generate(
                         prompt, max_new_tokens=max_new, temperature=c.temperature, top_p=c.top_p,
-                        stop_ids=stop_ids, seed=seed), c.generate_timeout_s)
+                        stop_ids=stop_ids, seed=seed), c.generate_timeout_s or None)
             except asyncio.CancelledError:
                 raise
+            except (ValueError, TypeError) as e:  # the request itself is bad (e.g. too long): retrying cannot help
+                raise _PolicyError(f"policy rejected the request: {e}") from e
             except Exception as e:  # noqa: BLE001 - a failing backend: retried, then the episode fails
                 last = e
                 self.totals["timeouts"] += int(isinstance(e, TimeoutError))
@@ -372,8 +377,11 @@ class RolloutManager:
             await env.restore(ep.env_state)
         used = 0
         while True:
-            room = min(c.max_turn_tokens, c.tokens_per_iteration - used, c.max_response_tokens - len(ep.ids))
-            if c.max_response_tokens - len(ep.ids) <= 0:
+            left = c.max_response_tokens - len(ep.ids)
+            if self.max_len:  # the policy's context: prompt + everything so far + new tokens
+                left = min(left, self.max_len - len(ep.prompt_ids) - len(ep.ids))
+            room = min(c.max_turn_tokens, c.tokens_per_iteration - used, left)
+            if left <= 0:
                 await self._end_turn(ep, env)  # out of room: the turn is cut off and judged
                 return
             if room <= 0:

@@ -1,0 +1,138 @@
+"""Text RL on synthetic checkable tasks: the tiny K2 warmed up on the tasks, then Eq. 1 with rollouts from
+the in-process sampler.
+
+    python -m experiments.run --config=experiments/rl_text.py:warmup --workdir=/tmp/rl_text/warmup
+    python -m experiments.run --config=experiments/rl_text.py --workdir=/tmp/rl_text/rl \\
+        --config.init_from=/tmp/rl_text/warmup
+
+ARG:
+  warmup        the `lm` stage on the reasoning task (prompt -> answer, loss on answers): the SFT-style start.
+  "" (default)  RL from `init_from`: exact-match reward, K=8, Eq. 1; `eval/accuracy` at step 0 and the end.
+  toggle        the same with Toggle (Eq. 2) on; compare output tokens at matched accuracy with "".
+  mismatch_k25 | mismatch_none | mismatch_tis | mismatch_icepop
+                the sampler in bfloat16 (weights and compute) while the trainer runs float32: Eq. 1 against
+                no correction, truncated importance sampling and IcePop.
+  smoke         a few steps of a smaller model, for tests.
+
+`python -m experiments.rl_text plot OUT.png RUN_DIR...` draws the curves of runs (reward, eval/accuracy,
+response length, mean |log-ratio|) from their metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import ml_collections
+
+from experiments.common import base_config, model_config_dict
+from k25.data.pipeline import default_data_config
+from k25.model.config import tiny
+from k25.rl.trainer import default_rl_config
+
+MISMATCH = ("k25", "none", "tis", "icepop")
+
+
+def _model(c: ml_collections.ConfigDict, hidden: int = 128, layers: int = 4) -> None:
+    c.model = model_config_dict(tiny(vocab_size=272, hidden_size=hidden, num_hidden_layers=layers))
+    c.data = default_data_config()
+    c.data.tokenizer = "byte"
+    c.data.sources = {"reasoning": 1.0}
+
+
+def warmup_config() -> ml_collections.ConfigDict:
+    c = base_config()
+    _model(c)
+    c.total_steps, c.batch_size, c.seq_len = 150, 16, 64
+    c.log_every, c.eval_every, c.checkpoint_every = 25, 0, 150
+    c.optim.lr, c.optim.warmup_steps = 3e-3, 20
+    c.eval_examples, c.eval_at_start = 100, False
+    return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = arg or ""
+    if arg == "warmup":
+        return warmup_config()
+    c = base_config()
+    _model(c)
+    c.stage = "rl"
+    c.init_from = ""  # the warm-up run's workdir
+    c.rl = default_rl_config()
+    c.rl.group_size = 8
+    c.batch_size = 64  # 8 prompts x K=8
+    c.seq_len = 48
+    c.rl.rollout.max_response_tokens = 12
+    c.rl.rollout.max_turn_tokens = 12
+    c.rl.rollout.tokens_per_iteration = 12
+    c.rl.sampler.max_slots = 64
+    c.rl.sampler.eval_max_new_tokens = 12
+    c.total_steps = 60
+    c.log_every, c.eval_every, c.checkpoint_every = 5, 20, 20
+    c.eval_examples = 100  # held-out reasoning prompts
+    c.eval_at_start = True
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 0
+    c.optim.schedule = "constant"
+    c.optim.weight_decay = 0.0  # RL moves the warmed-up weights a little; no pull towards zero
+    if arg == "toggle":
+        c.rl.toggle.enabled = True
+        c.rl.toggle.m = 5
+    elif arg.startswith("mismatch_"):
+        corr = arg.removeprefix("mismatch_")
+        if corr not in MISMATCH:
+            raise ValueError(f"rl_text: unknown ARG {arg!r}; mismatch variants: {['mismatch_' + m for m in MISMATCH]}")
+        c.rl.loss.correction = corr
+        c.rl.sampler.dtype = "bfloat16"
+        c.model.dtype = "float32"
+    elif arg == "smoke":
+        _model(c, hidden=64, layers=2)
+        c.rl.group_size = 4
+        c.batch_size = 8
+        c.seq_len = 48
+        c.rl.rollout.max_response_tokens = 6
+        c.rl.rollout.max_turn_tokens = 6
+        c.rl.rollout.tokens_per_iteration = 3  # answers straddle iterations: partial rollouts
+        c.rl.sampler.max_slots = 8
+        c.rl.sampler.eval_max_new_tokens = 6
+        c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 1, 0, 2
+        c.eval_examples, c.eval_at_start = 4, False
+        c.async_checkpoints = False
+        c.progress_bar = False
+    elif arg:
+        raise ValueError(f"rl_text: unknown ARG {arg!r}; use '', warmup, toggle, smoke or mismatch_*.")
+    return c
+
+
+def plot(out: str, run_dirs: list[str]) -> None:
+    """Curves of RL runs from their metrics.jsonl, one line per run."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from k25.train.metrics import read_metrics
+
+    keys = ("reward", "eval/accuracy", "response_length", "mean_abs_log_ratio", "masked_fraction", "entropy")
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for d in run_dirs:
+        rows = read_metrics(d)
+        for ax, k in zip(axes.flat, keys):
+            pts = [(r["step"], r[k]) for r in rows if k in r]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=os.path.basename(os.path.normpath(d)))
+    for ax, k in zip(axes.flat, keys):
+        ax.set_title(k)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 4 and sys.argv[1] == "plot":
+        plot(sys.argv[2], sys.argv[3:])
+    else:
+        sys.exit("usage: python -m experiments.rl_text plot OUT.png RUN_DIR [RUN_DIR ...]")

@@ -1,0 +1,357 @@
+"""The RL stage (`config.stage="rl"`): Eq. 1 on the existing runtime (k25.train.loop), rollouts from the
+in-process sampler with the current weights.
+
+The loop stays the one training loop: it calls the data iterator's `observe_state(state, step)` before
+drawing each batch, and this stage's iterator pushes those weights into its sampler (copies, since the step
+donates the state) and bumps the policy version. `next()` then runs rollout iterations (k25.rl.rollout) until
+`batch_size` trajectories of complete groups are ready, applies Toggle, computes the group advantages and
+returns one row per trajectory: prompt + response ids, the sampler's logprobs, the loss mask (1 on tokens
+the policy sampled, 0 on prompt, tool/environment and padding tokens) and the advantage. Its `get_state` /
+`set_state` (JSON, saved by the loop's orbax checkpoints) hold the task cursor, the partial rollouts, the
+pending groups, the rollout buffer and Toggle's budgets, so a killed run resumes exactly.
+
+The loss is `k25.rl.loss.policy_loss` with the batch's N (response tokens of the whole batch) as the
+normaliser, returned as the sum the step divides by N, so gradient accumulation stays exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from k25.data.chat import byte_chat_format, load_chat_format
+from k25.data.synthetic import make_task
+from k25.model.decoder import K2Model
+from k25.rl.env import AgentEnv, ChatTurns, PlainTurns, RewardJudge, Task
+from k25.rl.loss import PolicyLossConfig, group_advantages, policy_loss
+from k25.rl.rollout import EnvPool, Episode, RolloutConfig, RolloutManager, SamplerPolicy
+from k25.rl.toggle import Toggle, ToggleConfig
+from k25.train.pretrain import TextLMStage
+from k25.train.state import split_model
+
+BATCH_KEYS = ("input_ids", "targets", "positions", "segment_ids", "loss_mask", "old_logp", "advantages",
+              "n_total")
+
+
+def default_rl_config() -> ml_collections.ConfigDict:
+    """Every field of the stage with its default (see BUILD_NOTES.md, "RL trainer")."""
+    rl = ml_collections.ConfigDict()
+    rl.group_size = 8  # K responses per prompt; batch_size = prompts_per_step * group_size
+    rl.tasks = ml_collections.ConfigDict({"reasoning": 1.0})  # synthetic task -> sampling weight
+    rl.format = "plain"  # "plain" (bos + prompt, answer to eos, as the lm stage trains) | "chat" (Kimi format)
+    rl.chat_format = "byte"  # with format="chat": "byte" or an HF tokenizer directory
+    rl.thinking = False
+    rl.reward = ml_collections.ConfigDict({"weights": {"exact_match": 1.0}})  # a k25.rl.rewards.RewardSpec
+    rl.max_turns = 1
+    rl.std_normalize = False  # GRPO's advantage (r - mean) / std; Eq. 1 does not divide
+    rl.loss = ml_collections.ConfigDict(dataclasses.asdict(PolicyLossConfig()))
+    # no wall-time limits on the in-process sampler by default: its first calls compile, and a timeout would
+    # make what a step trains on depend on the machine's speed (and break exact resumes)
+    rl.rollout = ml_collections.ConfigDict(dataclasses.asdict(RolloutConfig(generate_timeout_s=0.0,
+                                                                            episode_timeout_s=0.0)))
+    rl.toggle = ml_collections.ConfigDict(dataclasses.asdict(ToggleConfig(enabled=False)))
+    rl.sampler = ml_collections.ConfigDict(dict(
+        max_slots=64,
+        dtype="",  # the sampler's compute and parameter dtype; "" = the trainer's (config.model)
+        cache_dtype="float32",
+        min_bucket=64,  # smallest prefill/decode-window bucket: short contexts compile one shape
+        eval_max_new_tokens=16,
+    ))
+    return rl
+
+
+_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
+
+def _task_to_rl(source: str, index: int, ex: dict) -> Task:
+    return Task(id=f"{source}:{index}", messages=[{"role": "user", "content": ex["prompt"]}], target=ex["answer"])
+
+
+class RLStage(TextLMStage):
+    """Model, optimizer settings and init_from as the `lm` stage; rollouts, Eq. 1 and held-out accuracy here."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
+        rl = config.rl
+        self.rl = rl
+        self.loss_cfg = PolicyLossConfig.from_mapping(rl.loss.to_dict())
+        self.rollout_cfg = RolloutConfig(**rl.rollout.to_dict())
+        if rl.group_size != self.rollout_cfg.group_size:
+            self.rollout_cfg = dataclasses.replace(self.rollout_cfg, group_size=int(rl.group_size))
+        if config.batch_size % rl.group_size:
+            raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of config.rl.group_size="
+                             f"{rl.group_size} (a batch holds whole groups)")
+        if self.loss_cfg.normalization == "sequence" and config.optim.accum_steps > 1:
+            raise ValueError("config.rl.loss.normalization='sequence' is a per-microbatch mean; use "
+                             "config.optim.accum_steps=1 with it")
+        self.toggle_cfg = ToggleConfig(**rl.toggle.to_dict())
+        self.sources = {name: make_task(name, **dict((config.data.get("synthetic") or {}).get(name, {})))
+                        for name in rl.tasks}
+        self.weights = np.array([rl.tasks[n] for n in self.sources], np.float64)
+        if not len(self.sources) or (self.weights <= 0).any():
+            raise ValueError("config.rl.tasks needs at least one synthetic task with a weight > 0")
+        self.weights /= self.weights.sum()
+        if rl.format == "plain":
+            self.fmt = PlainTurns(self.tokenizer)
+        elif rl.format == "chat":
+            chat = byte_chat_format() if rl.chat_format == "byte" else load_chat_format(rl.chat_format)
+            chat.check_vocab(self.model_cfg.vocab_size)
+            self.fmt = ChatTurns(chat, thinking=rl.thinking)
+        else:
+            raise ValueError(f"config.rl.format={rl.format!r}: 'plain' or 'chat'")
+        self.judge = RewardJudge(rl.reward.to_dict())
+        self.sampler = None  # built at the first observe_state (needs concrete weights)
+
+    # ----------------------------------------------------------------------------------------- pieces
+    def make_env(self) -> AgentEnv:
+        return AgentEnv(self.fmt, self.judge, None, max_turns=int(self.rl.max_turns))
+
+    def task(self, index: int, seed: int) -> Task:
+        """The `index`-th training task of the stream `seed` (deterministic: the checkpoint keeps a cursor)."""
+        rng = np.random.default_rng([seed, index])
+        name = list(self.sources)[int(rng.choice(len(self.sources), p=self.weights))]
+        return _task_to_rl(name, index, self.sources[name].example("train", index, stream=seed))
+
+    def eval_tasks(self) -> list[Task]:
+        n = int(self.config.eval_examples)
+        return [_task_to_rl(f"eval/{name}", i, ex) for name, src in self.sources.items()
+                for i, ex in enumerate(src.examples("eval", n))]
+
+    def ensure_sampler(self, params: Any = None, buffers: Any = None):
+        """The rollout sampler, built on first use around `params`/`buffers` (no initialisation of its own:
+        the model's structure comes from `nnx.eval_shape`)."""
+        if self.sampler is None:
+            from k25.infer import Sampler
+
+            if params is None:
+                raise RuntimeError("the rl stage's sampler needs weights: the loop calls observe_state first")
+            cfg = self.model_cfg
+            if self.rl.sampler.dtype:
+                cfg = dataclasses.replace(cfg, dtype=self.rl.sampler.dtype, param_dtype=self.rl.sampler.dtype)
+            abstract = nnx.eval_shape(lambda: K2Model(cfg, rngs=nnx.Rngs(0)))
+            model_def, p, b = split_model(abstract)
+            cast = lambda tree, ref: jax.tree.map(lambda x, r: jnp.asarray(x, r.dtype), tree, ref)
+            model = model_def.merge(cast(params, p), cast(buffers, b))
+            max_len = self.config.seq_len + 1
+            self.sampler = Sampler(model, max_slots=int(self.rl.sampler.max_slots), max_len=max_len,
+                                   cache_dtype=jnp.dtype(self.rl.sampler.cache_dtype),
+                                   min_bucket=min(int(self.rl.sampler.min_bucket), max_len))
+        return self.sampler
+
+    def push_weights(self, params: Any, buffers: Any) -> None:
+        """Copy the trainer's weights into the sampler (a copy: the training step donates its state)."""
+        params, buffers = _copy((params, buffers))
+        if self.sampler is None:
+            self.ensure_sampler(params, buffers)
+        else:
+            self.sampler.update_weights(types.SimpleNamespace(params=params, buffers=buffers))
+
+    # ------------------------------------------------------------------------------------- Stage API
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        shape = (batch_size, self.config.seq_len)
+        spec = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in BATCH_KEYS[:5]}
+        spec["old_logp"] = jax.ShapeDtypeStruct(shape, jnp.float32)
+        spec["advantages"] = jax.ShapeDtypeStruct(shape, jnp.float32)
+        spec["n_total"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
+        return spec
+
+    def loss_fn(self, model, batch):
+        """Eq. 1 (or the configured baseline) summed over this (micro)batch's tokens, normalised by the whole
+        batch's N; statistics are this microbatch's share of batch-level means, so they add up too."""
+        out = model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+        logits = out.logits.astype(jnp.float32)
+        logp_all = jax.nn.log_softmax(logits, axis=-1)
+        logp = jnp.take_along_axis(logp_all, batch["targets"][..., None], axis=-1)[..., 0]
+        mask = batch["loss_mask"].astype(jnp.float32)
+        n_total = jnp.maximum(batch["n_total"][0], 1.0)
+        n_micro = jnp.sum(mask)
+        loss, stats = policy_loss(logp, batch["old_logp"], batch["advantages"], mask, num_tokens=n_total,
+                                  **self.loss_cfg.kwargs())
+        share = n_micro / n_total
+        if self.loss_cfg.normalization == "sequence":
+            loss_sum = loss * n_micro
+        else:
+            loss_sum = loss * n_total
+        entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+        aux = {"num_tokens": n_micro, "max_attn_logits": out.max_attn_logits, "expert_counts": out.expert_counts,
+               "masked_fraction": stats["masked_fraction"] * share,
+               "mean_abs_log_ratio": stats["mean_abs_log_ratio"] * share,
+               "max_abs_log_ratio": stats["max_abs_log_ratio"],
+               "mean_ratio": stats["mean_ratio"] * share,
+               "pg_loss": stats["pg_loss"] * (share if self.loss_cfg.normalization == "sequence" else 1.0),
+               "tau_loss": stats["tau_loss"] * (share if self.loss_cfg.normalization == "sequence" else 1.0),
+               "entropy": jnp.sum(entropy * mask) / n_total}
+        return loss_sum, aux
+
+    def train_iterator(self, seed: int, process_index: int, process_count: int) -> Iterator[dict]:
+        if process_count != 1:
+            raise ValueError("the rl stage samples in its own process; run it single-process (multi-host rollouts "
+                             "go through k25.rl.rollout.EndpointPolicy samplers)")
+        return RLIterator(self, seed)
+
+    def evaluate(self, model: nnx.Module) -> dict[str, Any]:
+        """Greedy held-out accuracy (`eval/accuracy`: mean reward over the eval tasks) with these weights."""
+        tasks = self.eval_tasks()
+        if not tasks:
+            return {}
+        _, params, buffers = nnx.split(model, nnx.Param, ...)
+        self.push_weights(nnx.to_pure_dict(params), nnx.to_pure_dict(buffers))
+        cfg = dataclasses.replace(self.rollout_cfg, group_size=1, temperature=0.0,
+                                  tokens_per_iteration=int(self.rl.sampler.eval_max_new_tokens),
+                                  max_response_tokens=int(self.rl.sampler.eval_max_new_tokens),
+                                  max_turn_tokens=int(self.rl.sampler.eval_max_new_tokens))
+        mgr = RolloutManager(SamplerPolicy(self.sampler), EnvPool(self.make_env, len(tasks)), cfg)
+        res = asyncio.run(mgr.run_iteration(tasks, 0))
+        eps = res.finished + res.carried  # a carried (cut-off) answer has not been judged: it counts as wrong
+        rewards = [e.reward if e.status == "done" else 0.0 for e in eps]
+        out = {"eval/accuracy": float(np.mean(rewards)) if eps else 0.0,
+               "eval/response_length": float(np.mean([e.response_tokens for e in eps])) if eps else 0.0}
+        for name in self.sources:
+            rs = [r for e, r in zip(eps, rewards) if e.task["id"].startswith(f"eval/{name}:")]
+            out[f"eval/{name}_accuracy"] = float(np.mean(rs)) if rs else 0.0
+        return out
+
+
+class RLIterator:
+    """The stage's data iterator: rollouts with the latest weights; JSON state for the checkpoint."""
+
+    def __init__(self, stage: RLStage, seed: int):
+        self.stage, self.seed = stage, seed
+        self.cursor = 0  # training tasks drawn so far
+        self.iteration = 0  # rollout iterations run
+        self.version = 0  # trainer step whose weights the sampler holds
+        self.buffer: list[list[Episode]] = []  # complete groups not yet trained on
+        self.toggle = Toggle(stage.toggle_cfg)
+        self.manager: RolloutManager | None = None
+        self._manager_state: dict | None = None
+        self._acc: dict[str, list[float]] = {}
+
+    # -------------------------------------------------------------------------------- the loop's hooks
+    def observe_state(self, state: Any, step: int) -> None:
+        self.stage.push_weights(state.params, state.buffers)
+        self.version = int(step)
+        if self.manager is not None:
+            self.manager.version = self.version
+
+    def _ensure_manager(self) -> RolloutManager:
+        if self.manager is None:
+            st = self.stage
+            self.manager = RolloutManager(SamplerPolicy(st.ensure_sampler()),
+                                          EnvPool(st.make_env, st.config.batch_size * 4), st.rollout_cfg)
+            if self._manager_state is not None:
+                self.manager.load_state_dict(self._manager_state)
+            self.manager.version = self.version
+        return self.manager
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        st = self.stage
+        rows = st.config.batch_size
+        mgr = self._ensure_manager()
+        prompts = rows // st.rl.group_size
+        while sum(len(g) for g in self.buffer) < rows:
+            tasks = [st.task(self.cursor + i, self.seed) for i in range(prompts)]
+            self.cursor += prompts
+            res = asyncio.run(mgr.run_iteration(tasks, self.iteration))
+            self.iteration += 1
+            self.buffer += res.groups
+            self._add("failed_episodes", [len(res.failed)])
+            self._add("carried_episodes", [len(res.carried)])
+        batch_groups, n = [], 0
+        cfg = st.rollout_cfg
+        while self.buffer and n + len(self.buffer[0]) <= rows:
+            g = self.buffer.pop(0)
+            oldest = min((e.oldest_version() for e in g if e.oldest_version() is not None), default=self.version)
+            if cfg.stale == "restart" and self.version - oldest > cfg.max_staleness:
+                self._add("dropped_stale_groups", [1])  # waited in the buffer too long: off-policy beyond k
+                continue
+            batch_groups.append(g)
+            n += len(g)
+        return self._batch(batch_groups)
+
+    def _batch(self, groups: list[list[Episode]]) -> dict:
+        st = self.stage
+        B, T = st.config.batch_size, st.config.seq_len
+        out = {k: np.zeros((B,), np.float32) if k == "n_total" else
+               np.zeros((B, T), np.float32 if k in ("old_logp", "advantages") else np.int32) for k in BATCH_KEYS}
+        rewards, raw, lengths, calls, stale = [], [], [], [], []
+        row = 0
+        for g in groups:
+            r = [e.reward for e in g]
+            n = [e.response_tokens for e in g]
+            key = g[0].task["id"]
+            shaped = self.toggle.apply(self.version, key, r, n)  # the identity when Toggle is off
+            adv = group_advantages(shaped, np.zeros(len(g), np.int32), std_normalize=bool(st.rl.std_normalize))
+            for e, a in zip(g, adv):
+                full = e.prompt_ids + e.ids
+                if len(full) - 1 > T:
+                    raise ValueError(f"a trajectory has {len(full)} tokens (prompt {len(e.prompt_ids)} + response "
+                                     f"{len(e.ids)}) but config.seq_len={T}; raise seq_len to at least prompt + "
+                                     "config.rl.rollout.max_response_tokens")
+                L = len(full) - 1
+                mask = [0] * len(e.prompt_ids) + e.mask
+                lps = [0.0] * len(e.prompt_ids) + e.logprobs
+                out["input_ids"][row, :L] = full[:-1]
+                out["targets"][row, :L] = full[1:]
+                out["positions"][row, :L] = np.arange(L)
+                out["segment_ids"][row, :L] = 1
+                out["loss_mask"][row, :L] = mask[1:]
+                out["old_logp"][row, :L] = lps[1:]
+                out["advantages"][row, :L] = a * np.asarray(mask[1:], np.float32)
+                old = e.oldest_version()
+                stale.append(self.version - old if old is not None else 0)
+                row += 1
+            rewards += list(shaped)
+            raw += r
+            lengths += n
+            calls += [e.tool_calls for e in g]
+        out["n_total"][:] = out["loss_mask"].sum()
+        self._add("reward", raw)
+        self._add("reward_shaped", rewards)
+        self._add("response_length", lengths)
+        self._add("tool_call_rate", [float(c > 0) for c in calls])
+        self._add("tool_calls_per_episode", calls)
+        self._add("staleness", stale)
+        self._add("batch_fill", [row / B])
+        return out
+
+    def _add(self, key: str, values) -> None:
+        self._acc.setdefault(key, []).extend(float(v) for v in values)
+
+    def host_metrics(self) -> dict[str, float]:
+        """Means since the last call of what the rollouts produced (the loop logs them with the step)."""
+        out = {k: float(np.mean(v)) for k, v in self._acc.items() if v}
+        if "staleness" in self._acc and self._acc["staleness"]:
+            out["max_staleness"] = float(np.max(self._acc["staleness"]))
+        out["toggle_phase"] = float(self.toggle.phase(self.version)) if self.stage.toggle_cfg.enabled else -1.0
+        self._acc = {}
+        return out
+
+    # ------------------------------------------------------------------------------------------ state
+    def get_state(self) -> dict[str, Any]:
+        mgr = self.manager.state_dict() if self.manager is not None else self._manager_state
+        return {"cursor": self.cursor, "iteration": self.iteration, "version": self.version,
+                "buffer": [[dataclasses.asdict(e) for e in g] for g in self.buffer],
+                "toggle": self.toggle.state_dict(), "manager": mgr, "acc": self._acc}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        state = json.loads(json.dumps(state))  # a plain copy
+        self.cursor, self.iteration, self.version = state["cursor"], state["iteration"], state["version"]
+        self.buffer = [[Episode(**e) for e in g] for g in state["buffer"]]
+        self.toggle = Toggle.from_state_dict(state["toggle"])
+        self._manager_state = state["manager"]
+        self._acc = {k: list(v) for k, v in state.get("acc", {}).items()}
+        if self.manager is not None and self._manager_state is not None:
+            self.manager.load_state_dict(self._manager_state)
