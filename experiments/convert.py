@@ -5,9 +5,10 @@
 
 An HF directory (DeepseekV3 / Kimi-K2 / Kimi-K2.5; original or transformers layout; bf16, block-FP8 or INT4
 pack-quantized weights, dequantized to --param_dtype) becomes a run directory (config.json + an orbax checkpoint
-at step 0, see k25/train/rundir.py) that `experiments.run --config.init_from` and anything that loads a run's
-model accept. A run directory (converted or trained; its latest checkpoint) becomes an HF directory that
-`from_pretrained` loads. A progress bar counts the tensors.
+at step 0, see k25/train/rundir.py; the tokenizer and other side files under RUN_DIR/hf/) that
+`experiments.run --config.init_from` and `experiments.serve --checkpoint` accept. A run directory (converted or
+trained; its latest checkpoint) becomes an HF directory that `from_pretrained` loads (with the side files it was
+converted with). A progress bar counts the tensors.
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ def convert(src: str, dst: str, param_dtype: str = "float32", layout: str = "tra
             max_shard_bytes: int = 5 << 30, progress: bool = True) -> str:
     """Convert `src` into `dst` (direction from what `src` is); returns "hf->run" or "run->hf"."""
     from k25 import hf
-    from k25.train.rundir import is_run_dir, read_model_run, write_model_run
+    from k25.train.rundir import HF_FILES, copy_side_files, is_run_dir, read_model_run, write_model_run
 
     if not os.path.isdir(src):
         raise FileNotFoundError(f"--from={src}: no such directory.")
     if is_run_dir(src):
         model = read_model_run(src)
         hf.save(model, dst, max_shard_bytes=max_shard_bytes, layout=layout, progress=progress)
+        if os.path.isdir(os.path.join(src, HF_FILES)):  # the tokenizer etc. it was converted with
+            copy_side_files(os.path.join(src, HF_FILES), dst)
         return "run->hf"
     if not os.path.exists(os.path.join(src, "config.json")):
         raise FileNotFoundError(f"--from={src}: neither a run directory (checkpoints/) nor an HF directory "

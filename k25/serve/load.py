@@ -24,6 +24,11 @@ def load_run(workdir: str) -> tuple[nnx.Module, ChatFormat]:
 
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
+    spec = config.get("data", {}).get("tokenizer", "byte") if "data" in config else "byte"
+    if "model_config" in config:  # converted by experiments.convert: a model, no training state
+        from k25.train.rundir import read_model_run
+
+        return read_model_run(workdir), load_chat_format(spec)
     ckpt = Checkpointer(workdir, async_save=False)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"{workdir} has a config.json but no checkpoint under {ckpt.directory}")
@@ -31,7 +36,6 @@ def load_run(workdir: str) -> tuple[nnx.Module, ChatFormat]:
     mesh.devices = mesh.get("devices", 0) or mesh.pp * mesh.dp * mesh.ep  # restore on the run's mesh shape
     trainer = Trainer(config, workdir)
     state, _, _ = ckpt.restore(trainer.abstract_state)
-    spec = config.get("data", {}).get("tokenizer", "byte") if "data" in config else "byte"
     return trainer.model(state), load_chat_format(spec)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -47,8 +48,26 @@ def model_config(config: dict[str, Any]) -> K2Config | K25Config:
                      "this run trains no K2 / K2.5 model.")
 
 
+HF_FILES = "hf"  # the source HF directory's other files (tokenizer, chat template, generation config)
+_WEIGHT_FILES = ("config.json", "model.safetensors.index.json")
+_TOKENIZER_FILES = ("tiktoken.model", "tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def copy_side_files(src: str, dst: str) -> list[str]:
+    """Copy everything of an HF directory but its weights and config.json (tokenizer files, chat template,
+    generation config, code) from `src` to `dst`; returns the names copied."""
+    names = [n for n in sorted(os.listdir(src)) if os.path.isfile(os.path.join(src, n))
+             and n not in _WEIGHT_FILES and not n.endswith(".safetensors")]
+    if names:
+        os.makedirs(dst, exist_ok=True)
+    for n in names:
+        shutil.copy2(os.path.join(src, n), os.path.join(dst, n))
+    return names
+
+
 def write_model_run(model: nnx.Module, workdir: str, source: str | None = None) -> str:
-    """Write `model` as a run directory (step 0). Returns the checkpoint step directory."""
+    """Write `model` as a run directory (step 0); with `source` (the HF directory it came from) its tokenizer and
+    other side files go to DIR/hf/ and `data.tokenizer` points there. Returns the checkpoint step directory."""
     cfg = model.cfg
     if is_run_dir(workdir) and os.listdir(os.path.join(workdir, "checkpoints")):
         raise FileExistsError(f"{workdir} already holds checkpoints; convert into a new directory.")
@@ -60,6 +79,9 @@ def write_model_run(model: nnx.Module, workdir: str, source: str | None = None) 
         config = {"stage": "lm", "model": cfg.to_dict(), "model_config": {"kind": "k2", "config": cfg.to_dict()}}
     if source:
         config["converted_from"] = os.path.abspath(source)
+        side = os.path.abspath(os.path.join(workdir, HF_FILES))
+        if set(copy_side_files(source, side)) & set(_TOKENIZER_FILES):
+            config["data"] = {"tokenizer": side}
     _, params, buffers = split_model(model)
     ckpt = Checkpointer(workdir, max_to_keep=1, async_save=False)
     try:

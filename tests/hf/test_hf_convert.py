@@ -124,3 +124,26 @@ def test_converted_run_dir_starts_an_lm_run(tmp_path):
     stage = TextLMStage(config)
     built = jax.jit(lambda: nnx.to_pure_dict(nnx.state(stage.build_model(nnx.Rngs(0)))))()  # as Trainer.init_state
     assert_same_leaves(model, hf.model_from_state(cfg, built))
+
+
+def test_converted_run_dir_is_servable_and_keeps_the_tokenizer(tmp_path):
+    """`experiments.serve --checkpoint=<converted dir>` (k25/serve/load.py): the model, and the chat format
+    of the tokenizer the HF directory came with; converting back restores the tokenizer files."""
+    from chat_fixtures import random_model, write_synthetic_kimi_tokenizer
+
+    from k25.data.chat import load_chat_format
+    from k25.model.config import tiny
+    from k25.serve.load import load_checkpoint
+
+    (tmp_path / "hf").mkdir()
+    n = write_synthetic_kimi_tokenizer(str(tmp_path / "hf"))
+    model = random_model(tiny(vocab_size=n + 256, hidden_size=64, num_hidden_layers=2, n_routed_experts=4,
+                              num_experts_per_tok=2, n_group=1, topk_group=1, dtype="float32"))
+    hf.save(model, str(tmp_path / "hf"))
+    convert(str(tmp_path / "hf"), str(tmp_path / "run"), progress=False)
+    served, chat = load_checkpoint(str(tmp_path / "run"))
+    assert_same_leaves(model, served)
+    assert chat.special_ids == load_chat_format(str(tmp_path / "hf")).special_ids
+    convert(str(tmp_path / "run"), str(tmp_path / "back"), progress=False)
+    for name in ("tiktoken.model", "tokenizer_config.json"):
+        assert (tmp_path / "back" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes()
