@@ -1,6 +1,7 @@
 """The continuous-batching Sampler: TITO logprobs vs the training forward, seeds, stops, async, weights, sharding."""
 
 import asyncio
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -35,12 +36,28 @@ def sampler(model):
     return Sampler(model, max_slots=3, max_len=64, cache_dtype=jnp.float32)
 
 
+@pytest.fixture(scope="module")
+def mixed(model, sampler):
+    reqs = mixed_requests(model.cfg.vocab_size)  # 7 requests on 3 slots: slots are freed and refilled
+    return reqs, sampler.generate(reqs)
+
+
+WIDTH = 64  # sequences are right-padded to one width: the causal forward is unchanged, and compiles once
+_log_softmax = jax.jit(lambda m, x: jax.nn.log_softmax(m(x).logits))
+
+
+def train_logp(model, ids: list[int]) -> np.ndarray:
+    """log_softmax of the training forward (what the RL loss computes), (len(ids), vocab)."""
+    buf = np.zeros((1, WIDTH), np.int32)
+    buf[0, : len(ids)] = ids
+    return np.asarray(_log_softmax(model, buf)[0, : len(ids)])
+
+
 def trainer_logprobs(model, c: Completion) -> np.ndarray:
-    """log_softmax of the full training forward at each sampled token (what the RL loss computes)."""
-    ids = np.asarray([c.prompt_ids + c.token_ids], np.int32)
-    logp = jax.nn.log_softmax(model(ids).logits[0])
+    """The training forward's logprob of each sampled token."""
+    logp = train_logp(model, c.prompt_ids + c.token_ids)
     n = len(c.prompt_ids)
-    return np.asarray(logp[np.arange(n - 1, ids.shape[1] - 1), ids[0, n:]])
+    return logp[np.arange(n - 1, n - 1 + len(c.token_ids)), c.token_ids]
 
 
 def mixed_requests(vocab: int) -> list[Request]:
@@ -53,17 +70,15 @@ def mixed_requests(vocab: int) -> list[Request]:
             for i, (n, m, s) in enumerate(zip(lengths, [20, 7, 25, 12, 30, 3, 16], settings))]
 
 
-def test_logprobs_equal_trainer_with_slots_reused(model, sampler):
-    reqs = mixed_requests(model.cfg.vocab_size)  # 7 requests on 3 slots: slots are freed and refilled
-    out = sampler.generate(reqs)
+def test_logprobs_equal_trainer_with_slots_reused(model, mixed):
+    reqs, out = mixed
     assert [c.prompt_ids for c in out] == [list(r.prompt_ids) for r in reqs]
     for r, c in zip(reqs, out):
         assert c.finish_reason == "length" and len(c.token_ids) == r.max_new_tokens == len(c.logprobs)
         np.testing.assert_allclose(c.logprobs, trainer_logprobs(model, c), atol=TOL, rtol=0)
         if r.temperature == 0:  # greedy: every token is the argmax of the training forward
-            ids = np.asarray([c.prompt_ids + c.token_ids], np.int32)
             n = len(c.prompt_ids)
-            assert c.token_ids == np.argmax(model(ids).logits[0, n - 1:-1], -1).tolist()
+            assert c.token_ids == np.argmax(train_logp(model, c.prompt_ids + c.token_ids)[n - 1:-1], -1).tolist()
 
 
 def test_seed_determinism_independent_of_batch(model, sampler):
@@ -89,8 +104,7 @@ def test_stop_ids_and_length(sampler):
 
 def test_top_logprobs(model, sampler):
     c = sampler.generate([Request([5, 6, 7, 8], max_new_tokens=4, temperature=1.0, top_logprobs=3)])[0]
-    ids = np.asarray([c.prompt_ids + c.token_ids], np.int32)
-    logp = np.asarray(jax.nn.log_softmax(model(ids).logits[0]))
+    logp = train_logp(model, c.prompt_ids + c.token_ids)
     for t, top in enumerate(c.top_logprobs):
         ref = np.argsort(-logp[3 + t])[:3]
         assert [i for i, _ in top] == ref.tolist()
@@ -98,14 +112,13 @@ def test_top_logprobs(model, sampler):
     assert sampler.generate([Request([5], max_new_tokens=2)])[0].top_logprobs == []
 
 
-def test_async_submit_shares_the_batch(model, sampler):
-    reqs = mixed_requests(model.cfg.vocab_size)
+def test_async_submit_shares_the_batch(sampler, mixed):
+    reqs, want = mixed
 
     async def run():
         return await asyncio.wait_for(asyncio.gather(*(sampler.submit(r) for r in reqs)), timeout=300)
 
     got = asyncio.run(run())
-    want = sampler.generate(reqs)
     for a, b in zip(got, want):
         assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)
@@ -126,8 +139,14 @@ def test_bad_requests_name_the_field(sampler):
     assert sampler.generate([Request([1, 2], max_new_tokens=2)])[0].finish_reason == "length"  # still serving
 
 
+@dataclasses.dataclass
+class TrainStateLike:
+    params: dict
+    buffers: dict
+
+
 def test_update_weights_without_recompiling(model):
-    s = Sampler(model, max_slots=2, max_len=32, cache_dtype=jnp.float32)
+    s = Sampler(model, max_slots=3, max_len=64, cache_dtype=jnp.float32)  # the fixture's shapes: compiled once
     req = Request([3, 1, 4, 1, 5], max_new_tokens=6, temperature=0.0)
     before = s.generate([req])[0]
     compiled = s._decode_fn._cache_size(), s._prefill_fn._cache_size()
@@ -138,10 +157,10 @@ def test_update_weights_without_recompiling(model):
     assert after.logprobs != before.logprobs
     np.testing.assert_allclose(after.logprobs, trainer_logprobs(other, after), atol=TOL)
     _, params, buffers = nnx.split(model, nnx.Param, ...)
-    s.update_weights({"params": nnx.to_pure_dict(params), "buffers": nnx.to_pure_dict(buffers)} and
-                     type("TrainStateLike", (), {"params": nnx.to_pure_dict(params),
-                                                 "buffers": nnx.to_pure_dict(buffers)})())
-    assert s.generate([req])[0].token_ids == before.token_ids
+    s.update_weights(TrainStateLike(nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)))  # what RL pushes
+    assert s.generate([req])[0].logprobs == before.logprobs
+    s.update_weights(nnx.to_pure_dict(nnx.state(other)))  # a pure dict of the whole state
+    assert s.generate([req])[0].logprobs == after.logprobs
     with pytest.raises(ValueError, match="embed_tokens.embedding"):
         s.update_weights({"embed_tokens": {"embedding": np.zeros((3, 3), np.float32)}})
 
