@@ -22,6 +22,7 @@ STAGES = {
     "k25": "k25.train.joint:JointStage",
     "rl": "k25.rl.trainer:RLStage",
     "sft": "k25.train.sft:SFTStage",
+    "parl": "k25.swarm.parl_stage:ParlStage",
 }
 
 

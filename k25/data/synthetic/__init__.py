@@ -1,9 +1,11 @@
 """Seeded synthetic tasks with checkable answers; ``make_task`` builds one by name."""
 
+from k25.data.synthetic.parl_width import ParlWidthTask
 from k25.data.synthetic.retrieval import RetrievalTask
 from k25.data.synthetic.text import TASKS, CodeTask, Example, KnowledgeTask, ReasoningTask, TextTask, exact_match
 
 TASKS[RetrievalTask.name] = RetrievalTask  # long-context passkey documents (not a Table 1 column)
+TASKS[ParlWidthTask.name] = ParlWidthTask  # the PARL width policy's warm-up (k25.swarm.parl)
 
 
 def make_task(name: str, **kwargs: object) -> TextTask:
@@ -13,5 +15,5 @@ def make_task(name: str, **kwargs: object) -> TextTask:
     return TASKS[name](**kwargs)
 
 
-__all__ = ["TASKS", "CodeTask", "Example", "KnowledgeTask", "ReasoningTask", "RetrievalTask", "TextTask", "exact_match",
-           "make_task"]
+__all__ = ["TASKS", "CodeTask", "Example", "KnowledgeTask", "ParlWidthTask", "ReasoningTask", "RetrievalTask",
+           "TextTask", "exact_match", "make_task"]
