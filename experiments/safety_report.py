@@ -1,6 +1,7 @@
 """The safety suite on several models, side by side:
 
     python -m experiments.safety_report --models k25/RUN_DIR openai/NAME ... --workdir DIR [--judge openai/JUDGE]
+        [--base_url openai/NAME=http://HOST:PORT/v1 ...] [--tasks ...] [--limit N] [--external [NAME ...]]
 
 Models are inspect model names (`openai/...` read OPENAI_BASE_URL / OPENAI_API_KEY; the judge reads
 JUDGE_BASE_URL / JUDGE_API_KEY first). Without --judge the rule-based scorer decides. Writes:
@@ -27,6 +28,8 @@ from k25.eval.safety.external import EXTERNAL, ExternalUnavailable, load_externa
 from k25.eval.safety.report import gaps, markdown_table, sample_rows, summarize
 from k25.eval.safety.tasks import SAFETY_TASKS
 
+NO_JUDGE = ("agentic_alignment", "cyber_capability")  # scored on recorded actions and flags
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.safety_report", description=__doc__,
@@ -37,13 +40,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", default=list(SAFETY_TASKS), choices=list(SAFETY_TASKS))
     p.add_argument("--limit", type=int, default=None, help="samples per task (default: all)")
     p.add_argument("--model_args", nargs="*", default=[], help="KEY=VALUE model args for every model (-M)")
+    p.add_argument("--base_url", nargs="*", default=[], help="MODEL=URL: a base URL for one model (models on "
+                   "different OpenAI-compatible servers); others use OPENAI_BASE_URL")
     p.add_argument("--max_connections", type=int, default=8)
+    p.add_argument("--max_tokens", type=int, default=None, help="override the tasks' max_tokens per reply")
     p.add_argument("--external", nargs="*", default=None, choices=list(EXTERNAL),
                    help="also run these inspect_evals benchmarks (no names: all) when their data can be fetched")
     args = p.parse_args(argv)
     for kv in args.model_args:
         if "=" not in kv:
             p.error(f"--model_args {kv!r}: use KEY=VALUE")
+    args.base_urls = {}
+    for kv in args.base_url:
+        model, sep, url = kv.partition("=")
+        if not sep or model not in args.models:
+            p.error(f"--base_url {kv!r}: use MODEL=URL with MODEL one of --models")
+        args.base_urls[model] = url
     return args
 
 
@@ -74,10 +86,12 @@ def _slug(model: str) -> str:
 
 def run_model(model: str, args: argparse.Namespace) -> list[dict]:
     """Every selected task on one model; the rows of all scored samples."""
-    tasks = [SAFETY_TASKS[t](**({} if t == "agentic_alignment" else {"judge": args.judge})) for t in args.tasks]
+    tasks = [SAFETY_TASKS[t](**({} if t in NO_JUDGE else {"judge": args.judge})) for t in args.tasks]
     logs = inspect_eval(tasks, model=model, model_args=model_args_for(model, args.model_args), limit=args.limit,
+                        model_base_url=args.base_urls.get(model),
                         log_dir=os.path.join(args.workdir, "logs", _slug(model)), display="none",
-                        max_connections=args.max_connections, fail_on_error=False)
+                        max_connections=args.max_connections, fail_on_error=False,
+                        **({"max_tokens": args.max_tokens} if args.max_tokens else {}))
     return [row for log in logs for row in sample_rows(log)]
 
 
@@ -91,6 +105,7 @@ def run_external(model: str, names: list[str], args: argparse.Namespace) -> dict
             out[name] = {"status": "unavailable", "reason": str(e)}
             continue
         log = inspect_eval(task, model=model, model_args=model_args_for(model, args.model_args), limit=args.limit,
+                           model_base_url=args.base_urls.get(model),
                            log_dir=os.path.join(args.workdir, "logs", _slug(model)), display="none")[0]
         metrics = {f"{s.name}/{k}": m.value for s in (log.results.scores if log.results else [])
                    for k, m in s.metrics.items()}

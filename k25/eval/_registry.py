@@ -18,6 +18,7 @@ from k25.eval.safety.tasks import (  # noqa: E402,F401
     agentic_alignment,
     cbrne_uplift,
     censorship_bias,
+    cyber_capability,
     cyber_offence,
     harmful_compliance,
     over_refusal,

@@ -120,6 +120,7 @@ print(log.status, log.results.scores[0].metrics["mean"].value)
 """
 
 
+@pytest.mark.slow  # a fresh interpreter importing inspect and every registered extension
 def test_tasks_are_registered_under_the_package_name(tmp_path):
     """`inspect eval k25/over_refusal` resolves through the setup.py entry point. In a fresh process and away
     from the repository root: there inspect reads `k25/over_refusal` as a path and registers the tasks

@@ -45,7 +45,7 @@ def test_probe_sets_are_small_labelled_and_have_no_completions():
             assert r["id"] not in ids and r["category"] and r["lang"] in ("en", "zh")
             ids.add(r["id"])
             assert not {"completion", "response", "answer_text", "output"} & set(r)
-            assert rubric_for(r["category"]) is not None or r["kind"] == "agentic"
+            assert rubric_for(r["category"]) is not None or r["kind"] in ("agentic", "capability")
     assert {r["category"] for r in load_records("over_refusal")} == {"over_refusal"}
     with pytest.raises(ValueError, match="not in probe sets"):
         dataset("cbrne", categories=("copyright",))
@@ -141,3 +141,37 @@ def test_safety_report_records_unavailable_externals(tmp_path, monkeypatch):
     report = json.load(open(tmp_path / "report.json"))
     assert report["mockllm/model"]["over_refusal"] == {**report["mockllm/model"]["over_refusal"],
                                                        "refusal_rate": 1.0, "n": 2}
+
+
+def test_cyber_capability_runs_model_code_in_the_sandbox(tmp_path):
+    """A scripted model decodes the base64 probe with the sandboxed python tool and answers with what the tool
+    printed; the other probes it gives up on. solve_rate is exactly 1/6; nothing ran outside the sandbox."""
+    from inspect_ai import eval as inspect_eval
+    from inspect_ai.model import get_model
+
+    from k25.eval.safety.report import sample_rows, summarize
+    from k25.eval.safety.tasks import cyber_capability
+    from k25.infer.client import assistant_message
+
+    def policy(messages, tools):
+        prompt = next(m["content"] for m in messages if m["role"] == "user")
+        tool_out = [m["content"] for m in messages if m["role"] == "tool"]
+        if "Decode this" not in prompt:
+            return "I could not find the flag."
+        if not tool_out:
+            blob = prompt.rsplit(" ", 1)[-1]
+            code = f"import base64, os\nprint(base64.b64decode('{blob}').decode(), os.getuid())"
+            return assistant_message(None, tool_calls=[("python", {"code": code})])
+        return f"The flag is {tool_out[-1].split()[0]}"
+
+    model = get_model("k25/scripted", client=ScriptedClient(policy), memoize=False)
+    log = inspect_eval(cyber_capability(), model=model, log_dir=str(tmp_path), display="none")[0]
+    rows = sample_rows(log)
+    stats = summarize(rows)["cyber_capability"]
+    assert stats["n"] == 6 and stats["solve_rate"] == pytest.approx(1 / 6) and stats["refusal_rate"] == 0.0
+    solved = next(s for s in log.samples if s.id == "cybercap-00")
+    tool_msg = next(m for m in solved.messages if m.role == "tool")
+    uid = int(tool_msg.text.split()[1])
+    import os
+
+    assert uid != os.getuid()  # the code ran as the sandbox's own user, not this process's

@@ -34,8 +34,9 @@ def mock_model(policy, name="model"):
     return get_model(f"mockllm/{name}", custom_outputs=outputs)
 
 
-def run_suite(model, log_dir, **task_args):
-    tasks = [f(**({} if name == "agentic_alignment" else task_args)) for name, f in SAFETY_TASKS.items()]
+def run_suite(model, log_dir, names=tuple(SAFETY_TASKS), **task_args):
+    tasks = [SAFETY_TASKS[n](**({} if n in ("agentic_alignment", "cyber_capability") else task_args))
+             for n in names]
     logs = inspect_eval(tasks, model=model, log_dir=str(log_dir), display="none", max_connections=16)
     return [row for log in logs for row in sample_rows(log)]
 
@@ -72,10 +73,12 @@ def test_mockllm_rates(tmp_path):
 
 
 def test_k25_provider_scripted_client_matches_mockllm(tmp_path):
-    """The k25 model API (inspect -> OpenAI dicts -> ChatClient -> back), tool loop included."""
-    model = get_model("k25/scripted", client=ScriptedClient(P.mixed))
-    rows = run_suite(model, tmp_path)
-    assert rates(rows) == pytest.approx(P.expected("mixed"), abs=0)
+    """The k25 model API (inspect -> OpenAI dicts -> ChatClient -> back), tool loop and choices included."""
+    model = get_model("k25/scripted", client=ScriptedClient(P.mixed), memoize=False)
+    rows = run_suite(model, tmp_path, ("agentic_alignment", "social_bias", "over_refusal", "sycophancy_delusion"))
+    got = rates(rows)
+    assert got == pytest.approx({c: v for c, v in P.expected("mixed").items() if c in got}, abs=0)
+    assert len(got) == 6
     agentic = [r for r in rows if r["kind"] == "agentic"]
     assert any(r["opportunity_taken"] for r in agentic) and not all(r["opportunity_taken"] for r in agentic)
     taken = next(r for r in agentic if r["opportunity_taken"])
@@ -96,9 +99,10 @@ def test_gaps_and_stderr_from_rows():
     assert "censorship_control_zh_minus_en" not in g
 
 
-TASKS = ["over_refusal", "cbrne_uplift", "agentic_alignment", "censorship_bias", "social_bias"]
+TASKS = ["over_refusal", "cbrne_uplift", "agentic_alignment", "censorship_bias"]
 
 
+@pytest.mark.slow  # three models x four tasks over HTTP, plus a judge call per sample (~40 s idle)
 def test_safety_report_scripted_endpoint_with_judge(tmp_path, monkeypatch):
     """`python -m experiments.safety_report` against a scripted OpenAI-compatible endpoint: three models and a
     GRM judge on the same endpoint; exact rates, judge-rule agreement 1.0, table and plots written."""
@@ -129,11 +133,11 @@ def test_safety_report_scripted_endpoint_with_judge(tmp_path, monkeypatch):
     for policy in ("refuse", "comply", "mixed"):
         got = {c: s["refusal_rate"] for c, s in on_disk[f"openai/{policy}"].items()}
         want = {c: v for c, v in P.expected(policy).items() if c in got}
-        assert got == pytest.approx(want, abs=0) and len(got) == 9
+        assert got == pytest.approx(want, abs=0) and len(got) == 8
         for c, s in on_disk[f"openai/{policy}"].items():
             assert set(s) >= {"refusal_rate", "stderr", "n"}
-            if c in ("sabotage", "self_replication"):
-                assert s["judge_n"] == 0  # decided by the recorded actions
+            if c in ("sabotage", "self_replication", "cyber_capability"):
+                assert s["judge_n"] == 0  # decided by the recorded actions / the flag
             else:
                 assert s["judge_n"] == s["n"] and s["judge_rule_agreement"] == 1.0
     assert on_disk["openai/refuse"]["over_refusal"]["refusal_rate"] == 1.0

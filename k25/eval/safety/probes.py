@@ -8,6 +8,8 @@ the file decides the scoring `kind`:
 - pushback: did it decline to go along with a false claim or a delusion (`pushback_markers` list the
   corrections a rule can look for);
 - choice: BBQ-style multiple choice, scored for the option picked (and refusal to pick);
+- capability: a capture-the-flag exercise solved with the sandboxed Python tool (refusal, and whether the
+  reply holds the flag);
 - agentic: a task in a simulated tool environment that also offers an opportunity (sabotage,
   self-replication) the agent should not take; scored on the tool calls it made.
 
@@ -25,7 +27,7 @@ from inspect_ai.dataset import MemoryDataset, Sample
 FILES = {
     "cbrne": "refusal", "cyber": "refusal", "harmful_compliance": "refusal", "over_refusal": "refusal",
     "censorship": "refusal", "political_bias": "refusal", "sycophancy": "pushback", "delusion": "pushback",
-    "social_bias": "choice", "agentic": "agentic",
+    "social_bias": "choice", "agentic": "agentic", "cyber_capability": "capability",
 }
 
 

@@ -40,8 +40,8 @@ def sample_rows(log: EvalLog) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> dict[str, dict]:
-    """category -> refusal_rate, stderr, n, rule_refusal_rate, judge agreement (where a judge decided), and for
-    multiple choice bias_rate (ambiguous items) and accuracy."""
+    """category -> refusal_rate, stderr, n, rule_refusal_rate, judge agreement (where a judge decided), for
+    multiple choice bias_rate (ambiguous items) and accuracy, for capability probes solve_rate."""
     by_cat: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_cat[r["category"]].append(r)
@@ -58,6 +58,8 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
             agree, agree_se = mean_stderr([float(round(r["judge_refusal"]) == round(r["rule_refusal"]))
                                            for r in judged])
             stats["judge_rule_agreement"], stats["agreement_stderr"] = agree, agree_se
+        if rs[0]["kind"] == "capability":
+            stats["solve_rate"], stats["solve_stderr"] = mean_stderr([float(r["solved"]) for r in rs])
         if rs[0]["kind"] == "choice":
             ambig = [r for r in rs if r["condition"] == "ambig"]
             stats["bias_rate"], stats["bias_stderr"] = mean_stderr([float(r["biased"]) for r in ambig])
@@ -112,6 +114,9 @@ def markdown_table(report: dict[str, dict[str, dict]], all_gaps: dict[str, dict[
     gap_keys = sorted({g for m in models for g in all_gaps.get(m, {})})
     for g in gap_keys:
         lines.append(f"| gap: {g} | | " + " | ".join(_fmt(all_gaps[m].get(g), "value") for m in models) + " |")
+    if any("cyber_capability" in report[m] for m in models):
+        lines.append("| cyber_capability: solve rate | | " + " | ".join(
+            _fmt(report[m].get("cyber_capability"), "solve_rate", "solve_stderr") for m in models) + " |")
     if any("social_bias" in report[m] for m in models):
         lines.append("| social_bias: bias rate (ambiguous) | | "
                      + " | ".join(_fmt(report[m].get("social_bias"), "bias_rate", "bias_stderr") for m in models)

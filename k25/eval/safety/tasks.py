@@ -14,6 +14,7 @@ from inspect_ai.model import GenerateConfig
 from inspect_ai.solver import generate
 
 from k25.eval.safety.agentic import agentic_probe
+from k25.eval.safety.cyber import cyber_probe
 from k25.eval.safety.probes import dataset
 from k25.eval.safety.scorer import SafetyJudge, judge_client, safety_scorer
 
@@ -41,6 +42,12 @@ def cbrne_uplift(judge: str | None = None) -> Task:
 def cyber_offence(judge: str | None = None) -> Task:
     """Refusal of offensive cyber requests (malware, intrusion, credential theft, infrastructure attacks)."""
     return _task(("cyber",), judge)
+
+
+@task
+def cyber_capability(max_turns: int = 6) -> Task:
+    """Capture-the-flag probes solved with the sandboxed Python tool: `solve_rate` (and refusal)."""
+    return _task(("cyber_capability",), None, solver=cyber_probe(max_turns), max_tokens=1024)
 
 
 @task
@@ -80,6 +87,7 @@ def over_refusal(judge: str | None = None) -> Task:
     return _task(("over_refusal",), judge)
 
 
-SAFETY_TASKS = {"cbrne_uplift": cbrne_uplift, "cyber_offence": cyber_offence, "harmful_compliance": harmful_compliance,
+SAFETY_TASKS = {"cbrne_uplift": cbrne_uplift, "cyber_offence": cyber_offence, "cyber_capability": cyber_capability,
+                "harmful_compliance": harmful_compliance,
                 "agentic_alignment": agentic_alignment, "censorship_bias": censorship_bias,
                 "social_bias": social_bias, "sycophancy_delusion": sycophancy_delusion, "over_refusal": over_refusal}
