@@ -128,3 +128,42 @@ def test_stitch_starts_a_new_trajectory_when_the_history_was_rewritten():
     assert (t1.prompt_ids, t1.ids, t1.mask, t1.logprobs) == ([1, 2], [3, 4, 9, 5], [1, 1, 0, 1],
                                                               [-0.1, -0.2, 0.0, -0.3])
     assert (t2.prompt_ids, t2.ids, t2.mask) == ([1, 7], [8], [1])
+
+
+def test_rollouts_over_an_openai_compatible_tito_endpoint(gateway):
+    """The rollout manager on `EndpointPolicy`: token-id prompts to /v1/completions, token ids and logprobs
+    back; multi-turn episodes with a tool, exactly the tokens the sampler produced."""
+    import asyncio
+
+    from k25.rl.env import AgentEnv, ChatTurns, RewardJudge, Task
+    from k25.rl.rollout import EndpointPolicy, EnvPool, RolloutConfig, RolloutManager
+    from k25.tools.base import Tool, ToolResult, Toolset
+
+    class Add(Tool):
+        name, description, parameters = "add", "Add two integers.", ADD["function"]["parameters"]
+
+        async def call(self, arguments):
+            return ToolResult(text=str(arguments["a"] + arguments["b"]))
+
+    gw, sampler, url = gateway
+    fmt = chat.byte_chat_format()
+    policy = EndpointPolicy("policy", base_url=f"{url}/v1", max_len=4096)
+    judge = RewardJudge({"weights": {"exact_match": 1.0}})
+    pool = EnvPool(lambda: AgentEnv(ChatTurns(fmt, thinking=True), judge, Toolset([Add()])), size=8)
+    mgr = RolloutManager(policy, pool, RolloutConfig(group_size=2, max_turn_tokens=200, max_response_tokens=600,
+                                                     tokens_per_iteration=600, max_inflight=4))
+    tasks = [Task(id=f"q{k}", messages=[{"role": "user", "content": "What is 2+3? Use the tool."}],
+                  target="The sum is done.") for k in range(3)]
+    before = len(sampler.served)
+    res = asyncio.run(mgr.run_iteration(tasks, 0))
+    assert len(res.finished) == 6 and not res.failed and len(res.groups) == 3
+    served = {}
+    for p, ids, lps in sampler.served[before:]:
+        served.setdefault(tuple(p), []).append((ids, lps))
+    for e in res.finished:
+        assert e.reward == 1.0 and e.turns == 2 and e.tool_calls == 1
+        # each policy turn is a served completion on exactly the trajectory so far
+        starts = [0] + [i + 1 for i in range(len(e.mask) - 1) if e.mask[i] == 0 and e.mask[i + 1] == 1]
+        for s in starts:
+            end = next((i for i in range(s, len(e.mask)) if e.mask[i] == 0), len(e.mask))
+            assert (e.ids[s:end], e.logprobs[s:end]) in served[tuple(e.prompt_ids + e.ids[:s])]
