@@ -25,6 +25,7 @@ from typing import Any
 
 import optax
 
+from k25.data.synthetic.parl_width import MAX_WIDTH, width_prompt
 from k25.infer.client import ChatClient
 from k25.rl.env import AgentEnv, Task, TurnFormat
 from k25.rl.rewards import RewardResult
@@ -132,3 +133,101 @@ class ParlEnv(AgentEnv):
         perf = _score(task, answer) if answer.strip() else 0.0
         self.last_reward = parl_reward(self.stages, perf, self.step_fn(), self.reward_config)
         return RewardResult(self.last_reward["reward"], {k: v for k, v in self.last_reward.items() if k != "reward"})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The width action: a restricted orchestrator for toy-scale PARL on CPU.
+#
+# A tiny byte-level model cannot learn Appendix E's tool-call JSON, the merge and the bookkeeping in the minutes
+# a CPU run has; what PARL is about is the decision the orchestrator makes: whether to parallelise and how
+# wide. `ParlWidthEnv` keeps that decision with the model and scripts the rest: the model reads a compact
+# observation (entities in the registry listing, the critical-step budget) and answers one digit, its width
+# k; k = 0 runs the task serially (the orchestrator works alone, as the single-agent baseline), k >= 1 runs
+# the scripted orchestrator (registry read, create_subagent, one assign_task wave with ceil(n / k) companies
+# per subagent, one retry of failures, merge) around frozen scripted subagents, under the budget. The
+# trace, critical steps and `parl_reward` are the runtime's own; the model's tokens are the whole trajectory
+# (subagent tokens never enter it).
+# ------------------------------------------------------------------------------------------------------------
+
+WIDTHS = tuple(range(MAX_WIDTH + 1))  # the action vocabulary: one digit
+
+
+def parse_width(text: str) -> int | None:
+    """The digit the policy answered, or None when it is not exactly one digit."""
+    text = text.strip()
+    return int(text) if len(text) == 1 and text.isdigit() else None
+
+
+async def run_width(task: SwarmTask, tools: Sequence[Tool], width: int, config: SwarmConfig):
+    """One episode of `task` with the orchestrator's width choice (see above); returns the runtime's trace."""
+    from k25.infer.client import ScriptedClient
+    from k25.swarm.orchestrator import run_single, run_swarm
+    from k25.swarm.policies import scripted_policy
+
+    if width not in WIDTHS:
+        raise ValueError(f"width={width} is not an action; choose one of {WIDTHS}")
+    n = int(task.info.get("entities", 1))
+    if width == 0:  # serial: the scripted agent answers with what it has when the budget runs out
+        client = ScriptedClient(scripted_policy(worker_budget=config.max_critical_steps))
+        return await run_single(task.prompt, agent=client, tools=tools, config=config)
+    client = ScriptedClient(scripted_policy(per_agent=-(-n // width)))
+    return await run_swarm(task.prompt, orchestrator=client, subagent=client, tools=tools, config=config)
+
+
+def width_rl_task(task: SwarmTask, budget: int) -> Task:
+    """A wide-search task under a critical-step budget as the width policy's RL task."""
+    return Task(id=f"{task.task_id}@b{budget}",
+                messages=[{"role": "user", "content": width_prompt(int(task.info["entities"]), budget)}],
+                target={"task_id": task.task_id, "budget": budget}, meta={"split": task.split})
+
+
+def episode_reward(stages: Sequence[Mapping], scores: Mapping[str, float], step: int, config: ParlRewardConfig,
+                   width: int | None = None) -> dict[str, float]:
+    """`parl_reward` of an episode with its task scores (r_perf: item F1, else success) and the width chosen
+    (-1: no valid action) alongside, as the rollouts and evaluations log them."""
+    r = parl_reward(stages, scores.get("item_f1", scores.get("success", 0.0)), step, config)
+    r.update(item_f1=scores.get("item_f1", 0.0), row_f1=scores.get("row_f1", 0.0),
+             success=scores.get("success", 0.0), width=-1.0 if width is None else float(width),
+             valid=float(width is not None))
+    return r
+
+
+class ParlWidthEnv(AgentEnv):
+    """Single-turn PARL environment for the width policy: the action is the model's digit; the episode runs
+    in the swarm runtime with a critical-step budget and the reward is `parl_reward` at `step_fn()`.
+    A malformed action (not one digit) runs no episode and earns 0. `info["components"]` carries the
+    reward's terms and the episode's item_f1 / row_f1 / critical_steps / subagents (kept by the rollouts)."""
+
+    def __init__(self, fmt: TurnFormat, tasks: Mapping[str, SwarmTask], tools: Sequence[Tool], *,
+                 swarm_config: SwarmConfig | None = None, reward: ParlRewardConfig | None = None,
+                 step_fn: Callable[[], int] = lambda: 0) -> None:
+        super().__init__(fmt, self._no_judge, None, max_turns=1)
+        self.swarm_tasks, self.env_tools = dict(tasks), list(tools)
+        self.swarm_config = swarm_config or SwarmConfig()
+        self.reward_config, self.step_fn = reward or ParlRewardConfig(), step_fn
+
+    @staticmethod
+    async def _no_judge(task, response, messages) -> RewardResult:
+        raise RuntimeError("ParlWidthEnv scores episodes in step()")
+
+    async def step(self, action: Sequence[int]) -> tuple[list[int], float, bool, dict[str, Any]]:
+        if self.done or self.task is None:
+            raise RuntimeError("step() on a finished episode; call reset(task) first")
+        msg = self.fmt.parse(action)
+        self.messages.append(msg)
+        self.turns, self.done = self.turns + 1, True
+        truncated = not action or int(action[-1]) not in self.fmt.stop_ids
+        width = None if truncated else parse_width(msg.get("content") or "")
+        task = self.swarm_tasks[self.task.target["task_id"]]
+        budget = int(self.task.target["budget"])
+        if width is None:
+            stages, scores = [{"main_steps": 1, "sub_steps": [], "subagents": []}], {}
+        else:
+            cfg = dataclasses.replace(self.swarm_config, max_critical_steps=budget)
+            trace = await run_width(task, self.env_tools, width, cfg)
+            stages, scores = trace.stages, task.score(trace.answer)
+        r = episode_reward(stages, scores, self.step_fn(), self.reward_config, width)
+        comp = {k: v for k, v in r.items() if k != "reward"}
+        info = {"turn": self.turns, "tool_calls": 0, "tool_errors": 0, "truncated": truncated,
+                "components": comp, "gated": False, "judge_failed": False}
+        return [], float(r["reward"]), True, info

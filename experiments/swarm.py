@@ -1,0 +1,151 @@
+"""Agent Swarm and PARL at toy scale: the single-agent baseline, the scripted swarm and the PARL-trained
+orchestrator on held-out wide-search tasks under critical-step budgets (report §3, Figure 4).
+
+    python -m experiments.run --config=experiments/swarm.py:single --workdir=/tmp/swarm/single
+    python -m experiments.run --config=experiments/swarm.py:swarm --workdir=/tmp/swarm/swarm
+    python -m experiments.run --config=experiments/swarm.py:warmup --workdir=/tmp/swarm/warmup
+    python -m experiments.run --config=experiments/swarm.py:parl --workdir=/tmp/swarm/parl \\
+        --config.init_from=/tmp/swarm/warmup
+    python -m experiments.swarm plot OUT.png RUN_DIR...     # Figure 4 analog from the runs' metrics.jsonl
+
+ARG:
+  single            the single-agent baseline (the orchestrator works serially), no training: one evaluation.
+  swarm             the scripted orchestrator (4 companies per subagent, frozen scripted subagents), no training.
+  warmup            the `lm` stage on the width policy's warm-up data (k25/data/synthetic/parl_width.py:
+                    scripted orchestrator decisions, mostly serial), loss on the answer digit.
+  parl              PARL from `init_from`: λ1·r_parallel + λ2·r_finish + r_perf, λ1 and λ2 annealed to 0.
+  parl_no_parallel  the same without r_parallel (λ1 = 0): the serial-collapse ablation.
+  parl_no_finish    the same without r_finish (λ2 = 0): the spurious-parallelism ablation.
+  smoke             a few PARL steps of a smaller model, for tests (no init_from needed).
+
+Every run logs `eval/item_f1`, `eval/row_f1`, `eval/critical_steps` (mean per episode) and
+`eval/subagents_per_episode` over every held-out task (12) under every budget (16, 24, 40 critical steps).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import ml_collections
+
+from experiments.common import base_config, model_config_dict
+from k25.data.pipeline import default_data_config
+from k25.model.config import tiny
+from k25.swarm.parl_stage import default_config_fields
+
+
+def _model(c: ml_collections.ConfigDict, hidden: int = 64, layers: int = 2) -> None:
+    c.model = model_config_dict(tiny(vocab_size=272, hidden_size=hidden, num_hidden_layers=layers))
+    c.data = default_data_config()
+    c.data.tokenizer = "byte"
+    c.data.sources = {"parl_width": 1.0}
+
+
+def warmup_config() -> ml_collections.ConfigDict:
+    c = base_config()
+    _model(c)
+    c.total_steps, c.batch_size, c.seq_len = 200, 32, 32
+    c.log_every, c.eval_every, c.checkpoint_every = 50, 0, 200
+    c.optim.lr, c.optim.warmup_steps = 3e-3, 20
+    c.eval_examples, c.eval_at_start = 0, False
+    return c
+
+
+def parl_config(lambda1: float = 0.3, lambda2: float = 0.3) -> ml_collections.ConfigDict:
+    c = base_config()
+    _model(c)
+    default_config_fields(c)
+    c.init_from = ""  # the warm-up run's workdir
+    c.rl.group_size = 8
+    c.batch_size = 64  # 8 (task, budget) prompts x K=8 widths
+    c.seq_len = 32
+    c.rl.rollout.max_response_tokens = 4
+    c.rl.rollout.max_turn_tokens = 4
+    c.rl.rollout.tokens_per_iteration = 4
+    c.rl.sampler.max_slots = 64
+    c.rl.sampler.min_bucket = 32
+    c.rl.sampler.eval_max_new_tokens = 4
+    c.parl.reward.lambda1, c.parl.reward.lambda2 = lambda1, lambda2
+    c.parl.reward.anneal_steps = 30
+    c.parl.reward.parallel_target = 4
+    c.total_steps = 40
+    c.log_every, c.eval_every, c.checkpoint_every = 2, 5, 20
+    c.eval_examples = 12  # held-out tasks (x 3 budgets)
+    c.eval_at_start = True
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 0
+    c.optim.schedule = "constant"
+    c.optim.weight_decay = 0.0
+    return c
+
+
+def baseline_config(policy: str) -> ml_collections.ConfigDict:
+    c = parl_config()
+    c.parl.policy = policy
+    c.total_steps = 0  # evaluation only (at step 0)
+    c.async_checkpoints = False
+    return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = arg or "parl"
+    if arg == "warmup":
+        return warmup_config()
+    if arg in ("single", "swarm"):
+        return baseline_config({"single": "serial", "swarm": "scripted"}[arg])
+    if arg == "parl":
+        return parl_config()
+    if arg == "parl_no_parallel":
+        return parl_config(lambda1=0.0)
+    if arg == "parl_no_finish":
+        return parl_config(lambda2=0.0)
+    if arg == "smoke":
+        c = parl_config()
+        _model(c, hidden=32, layers=1)
+        c.rl.group_size = 4
+        c.batch_size = 8
+        c.rl.sampler.max_slots = 8
+        c.parl.budgets = (16,)
+        c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 2, 1, 0, 2
+        c.eval_examples, c.eval_at_start = 2, False
+        c.async_checkpoints = False
+        c.progress_bar = False
+        return c
+    raise ValueError(f"swarm: unknown ARG {arg!r}; use single, swarm, warmup, parl, parl_no_parallel, "
+                     "parl_no_finish or smoke.")
+
+
+def plot(out: str, run_dirs: list[str]) -> None:
+    """Figure 4 analog: held-out item F1, subagents per episode and critical steps against training step,
+    plus the training reward, one line per run."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from k25.train.metrics import read_metrics
+
+    keys = ("eval/item_f1", "eval/subagents_per_episode", "eval/critical_steps", "reward")
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
+    for d in run_dirs:
+        rows = read_metrics(d)
+        for ax, k in zip(axes.flat, keys):
+            pts = [(r["step"], r[k]) for r in rows if k in r]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=os.path.basename(os.path.normpath(d)))
+    for ax, k in zip(axes.flat, keys):
+        ax.set_title(k)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 4 and sys.argv[1] == "plot":
+        plot(sys.argv[2], sys.argv[3:])
+    else:
+        sys.exit("usage: python -m experiments.swarm plot OUT.png RUN_DIR [RUN_DIR ...]")
