@@ -157,28 +157,8 @@ class JointData:
     def pack_row(self, draw: Callable[[], Document], max_docs: int | None = None
                  ) -> tuple[dict[str, np.ndarray], list[tuple[np.ndarray, tuple[int, int, int]]]]:
         """Documents from `draw()` packed into one row until the next would overflow it (or `max_docs`)."""
-        s, pad = self.seq_len, self.tok.pad_id
-        out = {"input_ids": np.full(s, pad, np.int32), "targets": np.full(s, pad, np.int32),
-               "loss_mask": np.zeros(s, np.int32), "positions": np.zeros(s, np.int32),
-               "segment_ids": np.zeros(s, np.int32)}
-        pixels: list[tuple[np.ndarray, tuple[int, int, int]]] = []
-        used = media = 0
-        for segment in range(1, (max_docs or s) + 1):
-            tokens, is_target, px = draw()
-            n, m = len(tokens), int((tokens == self.tok.media_id).sum())
-            if n > s:
-                raise ValueError(f"a {n}-token document does not fit seq_len={s}; raise config.seq_len.")
-            if used + n > s or media + m > self.cfg.max_media_tokens_per_row:
-                break
-            out["input_ids"][used:used + n] = tokens
-            out["targets"][used:used + n - 1] = tokens[1:]
-            out["loss_mask"][used:used + n - 1] = is_target[1:]
-            out["positions"][used:used + n] = np.arange(n)
-            out["segment_ids"][used:used + n] = segment
-            if px is not None:
-                pixels.append(px)
-            used, media = used + n, media + m
-        return out, pixels
+        return pack_documents(draw, seq_len=self.seq_len, pad_id=self.tok.pad_id, media_id=self.tok.media_id,
+                              max_media_tokens=int(self.cfg.max_media_tokens_per_row), max_docs=max_docs)
 
     def raw_batch(self, run_seed: int, split: str, index: int, batch_size: int,
                   vision_rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -202,12 +182,49 @@ class JointData:
     def stack(self, rows: list[tuple[dict[str, np.ndarray], list[tuple[np.ndarray, tuple[int, int, int]]]]]
               ) -> dict[str, np.ndarray]:
         """Rows (and their images, in order) -> one batch in the HF processor layout."""
-        pixels = [px for _, pxs in rows for px in pxs]
-        batch = {k: np.stack([row[k] for row, _ in rows]) for k in ROW_KEYS}
-        if pixels:
-            batch["pixel_values"] = np.concatenate([px for px, _ in pixels])
-            batch["image_grid_thw"] = np.asarray([grid for _, grid in pixels], np.int64)
-        return batch
+        return stack_rows(rows)
+
+
+def pack_documents(draw: Callable[[], Document], *, seq_len: int, pad_id: int, media_id: int, max_media_tokens: int,
+                   max_docs: int | None = None
+                   ) -> tuple[dict[str, np.ndarray], list[tuple[np.ndarray, tuple[int, int, int]]]]:
+    """Documents from `draw()` packed first-come into one row (`k25.data.packing`'s layout: per-document
+    segments and positions, targets within a document) until the next would overflow the row or its
+    `max_media_tokens` cap (that one is dropped, deterministically) or `max_docs` are in. Returns the row and
+    the (pixels, grid) of its images in order. Shared by the joint and SFT stages."""
+    s, pad = seq_len, pad_id
+    out = {"input_ids": np.full(s, pad, np.int32), "targets": np.full(s, pad, np.int32),
+           "loss_mask": np.zeros(s, np.int32), "positions": np.zeros(s, np.int32),
+           "segment_ids": np.zeros(s, np.int32)}
+    pixels: list[tuple[np.ndarray, tuple[int, int, int]]] = []
+    used = media = 0
+    for segment in range(1, (max_docs or s) + 1):
+        tokens, is_target, px = draw()
+        n, m = len(tokens), int((tokens == media_id).sum())
+        if n > s:
+            raise ValueError(f"a {n}-token document does not fit seq_len={s}; raise config.seq_len.")
+        if used + n > s or media + m > max_media_tokens:
+            break
+        out["input_ids"][used:used + n] = tokens
+        out["targets"][used:used + n - 1] = tokens[1:]
+        out["loss_mask"][used:used + n - 1] = is_target[1:]
+        out["positions"][used:used + n] = np.arange(n)
+        out["segment_ids"][used:used + n] = segment
+        if px is not None:
+            pixels.append(px)
+        used, media = used + n, media + m
+    return out, pixels
+
+
+def stack_rows(rows: list[tuple[dict[str, np.ndarray], list[tuple[np.ndarray, tuple[int, int, int]]]]]
+               ) -> dict[str, np.ndarray]:
+    """Rows (and their images, in order) -> one batch in the HF processor layout."""
+    pixels = [px for _, pxs in rows for px in pxs]
+    batch = {k: np.stack([row[k] for row, _ in rows]) for k in ROW_KEYS}
+    if pixels:
+        batch["pixel_values"] = np.concatenate([px for px, _ in pixels])
+        batch["image_grid_thw"] = np.asarray([grid for _, grid in pixels], np.int64)
+    return batch
 
 
 def vision_budgets(config: ml_collections.ConfigDict, mesh: Mesh, merge_area: int, max_chunk_tokens: int
