@@ -72,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.init_from = ""  # the previous phase's workdir (the driver sets it)
     c.total_steps = STEPS[phase]
     c.log_every = 25
-    c.eval_every = 200 if phase == "base" else 0  # and at the end of each phase
+    c.eval_every = 300 if phase == "base" else 0  # and at the end of each phase
     c.eval_examples = 16  # greedy exact match on held-out training-length documents (eval/retrieval_exact)
     c.eval_max_new_tokens = 6
     c.checkpoint_every = 500

@@ -22,10 +22,10 @@ def test_documents_have_exact_lengths_and_the_queried_needle_at_its_depth(length
     for depth in (0.0, 0.5, 1.0):
         ex = task.probe(length, depth, keys, 0)
         assert len(tok.encode(ex["prompt"] + ex["answer"])) + 2 == length  # bos + prompt + answer + eos
-        name = ex["prompt"][: -len(" key? ")].rsplit(" ", 1)[1]  # the question's name
+        name = ex["prompt"][: -len(" key is ")].rsplit(" ", 1)[1]  # the question's name
         needle = f" {name} key is {ex['answer']}. "
-        assert ex["prompt"].count(needle) == 1 and ex["prompt"].count(" key is ") == keys
-        haystack = ex["prompt"][: -len(f" {name} key? ")]
+        assert ex["prompt"].count(needle) == 1 and ex["prompt"].count(" key is ") == keys + 1
+        haystack = ex["prompt"][: -len(f" {name} key is ")]
         others = haystack.replace(needle, "", 1)
         for _ in range(keys - 1):  # the distractors: other names, same template
             i = others.index(" key is ")

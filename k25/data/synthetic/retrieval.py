@@ -2,7 +2,7 @@
 32k -> 256k mid-training stage in miniature).
 
 A document hides `keys` needles " <name> key is <5 digits>. " in a filler of repeated sentences (the classic
-passkey haystack) and ends with the question "<name> key?"; the answer is that
+passkey haystack) and ends by restating the queried needle's prefix " <name> key is "; the answer is that
 needle's digits. One key is the passkey test, several are multi-key retrieval (the others are distractors
 that share the template). Lengths are in byte-tokenizer tokens and exact: bos + prompt + answer + eos has
 exactly `length` tokens, so an eval batch of one length needs no padding. `probe` places the queried needle at
@@ -39,7 +39,7 @@ class RetrievalTask(TextTask):
     def min_length(keys: int) -> int:
         """Tokens of a document with no filler: bos, the longest needles and question, the answer, eos."""
         longest = max(NAMES, key=len)
-        return 2 + keys * len(f" {longest} key is {'0' * DIGITS}. ") + len(f" {longest} key? ") + DIGITS
+        return 2 + keys * len(f" {longest} key is {'0' * DIGITS}. ") + len(f" {longest} key is ") + DIGITS
 
     def document(self, rng: random.Random, length: int, depth: float, keys: int) -> Example:
         """A document of exactly `length` tokens whose queried needle starts `depth` of the way into the filler."""
@@ -48,7 +48,9 @@ class RetrievalTask(TextTask):
         names = rng.sample(NAMES, keys)
         values = [str(rng.randrange(10 ** (DIGITS - 1), 10**DIGITS)) for _ in names]
         needles = [f" {n} key is {v}. " for n, v in zip(names, values)]  # spaced off the (cut) filler words
-        question = f" {names[0]} key? "
+        # the question restates the needle's prefix, so an induction head (match the context, copy what
+        # followed) answers it; with several keys the name is what tells the needles apart
+        question = f" {names[0]} key is "
         filler_len = length - 2 - sum(map(len, needles)) - len(question) - DIGITS
         if filler_len < 0:
             raise ValueError(f"retrieval: length={length} is below the {length - filler_len} tokens that {keys} "
