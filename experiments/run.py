@@ -66,11 +66,13 @@ def format_eval_table(metrics: dict) -> str:
     """Held-out metrics at the end, next to the untrained model's when it was evaluated."""
     final = {k.removeprefix("eval/"): v for k, v in sorted(metrics.items()) if not k.endswith("@init")}
     init = {k.removeprefix("eval/").removesuffix("@init"): v for k, v in metrics.items() if k.endswith("@init")}
-    width = max(len(k) for k in final)
+    names = list(final) or sorted(init)  # evaluation-only runs (no steps) have only the step-0 metrics
+    width = max(len(k) for k in names)
     lines = [f"{'held-out metric'.ljust(width)}  untrained  trained", "-" * (width + 20)]
-    for name, value in final.items():
+    for name in names:
         before = f"{init[name]:.3f}" if name in init else "-"
-        lines.append(f"{name.ljust(width)}  {before:>9}  {value:.3f}")
+        after = f"{final[name]:.3f}" if name in final else "-"
+        lines.append(f"{name.ljust(width)}  {before:>9}  {after:>7}")
     return "\n".join(lines)
 
 
