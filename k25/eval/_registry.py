@@ -13,7 +13,7 @@ def k25() -> type[ModelAPI]:
     return K25ModelAPI
 
 
-# the suite's tasks, so that `inspect eval k25/over_refusal` finds them by name
+# the tasks, so that `inspect eval k25/over_refusal` (or k25/text_heldout ...) finds them by name
 from k25.eval.safety.tasks import (  # noqa: E402,F401
     agentic_alignment,
     cbrne_uplift,
@@ -25,3 +25,7 @@ from k25.eval.safety.tasks import (  # noqa: E402,F401
     social_bias,
     sycophancy_delusion,
 )
+from k25.eval.tasks.long_context import long_context_retrieval  # noqa: E402,F401
+from k25.eval.tasks.swarm import swarm_search  # noqa: E402,F401
+from k25.eval.tasks.text import text_heldout  # noqa: E402,F401
+from k25.eval.tasks.vision import vision_heldout  # noqa: E402,F401

@@ -131,3 +131,29 @@ def test_tasks_are_registered_under_the_package_name(tmp_path):
     out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == ["success", "0.0"]
+
+
+@pytest.mark.slow  # two swarm episodes each way (~15 s idle)
+def test_swarm_search_equals_the_swarm_evaluation(tmp_path):
+    """Wide search through inspect (the swarm's episode over an inspect model via InspectChatClient) scores what
+    `k25.swarm.evaluate` scores for the same scripted model on the same held-out tasks."""
+    import asyncio
+
+    from k25.eval.tasks.swarm import SCORE_KEYS, swarm_search
+    from k25.swarm.config import SwarmConfig
+    from k25.swarm.evaluate import evaluate
+    from k25.swarm.policies import scripted_policy
+    from k25.swarm.tasks import SwarmEnv
+
+    env = SwarmEnv(0)
+    tasks = env.tasks("wide_search", "heldout", 2)
+    client = ScriptedClient(scripted_policy())
+    rows, _ = asyncio.run(evaluate(tasks, env.tools(), orchestrator=client,
+                                   config=SwarmConfig.for_benchmark("widesearch")))
+    model = get_model("k25/scripted", client=ScriptedClient(scripted_policy()), memoize=False)
+    log = inspect_eval(swarm_search(n=2), model=model, log_dir=str(tmp_path), display="none")[0]
+    assert log.status == "success", log.error
+    got = {k: v.value for k, v in log.results.scores[0].metrics.items()}
+    for key in SCORE_KEYS:
+        assert got[key] == pytest.approx(sum(r[key] for r in rows) / len(rows)), key
+    assert got["item_f1"] > 0 and got["subagents"] > 0
