@@ -47,6 +47,10 @@ def get_config(arg: str | None = None):
         c.pipeline.update(virtual_stages=3, microbatches=16, schedule="1f1b")
         c.optim.accum_steps = 32
         c.model.remat = "selective"
+        # report App. C: the residuals the 1F1B slots hold are stored in float8 (16-bit activations only, see
+        # k25/model/remat.py) and parked in pinned host memory between a unit's forward and its backward
+        c.model.fp8_activations = True
+        c.model.remat_offload = True
         # expert all-to-all: each rank pair gets twice its average routed rows instead of the dropless worst
         # case of ep*min(k, E/ep)/k = 16x; the report's system is dropless with ragged buffers, a static-shape
         # plan needs a bound

@@ -80,6 +80,8 @@ class K2Config:
     # memory policy (k25 only): see k25/model/remat.py
     remat: str = "none"  # "none" | "selective" (the report's set) | "full"
     remat_offload: bool = False  # with "selective": keep saved residuals in pinned host memory (GPU/TPU)
+    # k25 only: store each layer's 16-bit activation residuals in float8 e4m3 (per-row scale) for the backward
+    fp8_activations: bool = False
     unroll_layers: bool = False  # k25 only: unroll the layer scans (faster small models; compile grows with depth)
     attention_chunk: int = 0  # query rows per attention block, recomputed in the backward; 0 = one (s, s) block
     # precision (k25 only)

@@ -27,6 +27,8 @@ class DecoderOutput:
     logits: jnp.ndarray  # (batch, seq, vocab) float32
     max_attn_logits: jnp.ndarray  # (num_hidden_layers, heads): max pre-softmax logit, for QK-Clip
     expert_counts: jnp.ndarray  # (num_moe_layers, n_routed_experts): assignments per expert this pass
+    # routed assignments dropped by the expert-parallel exchange's capacity (ep_capacity_factor), all layers
+    dropped_tokens: jnp.ndarray | None = None
 
 
 class DecoderLayer(nnx.Module):
@@ -49,10 +51,10 @@ class DecoderLayer(nnx.Module):
         x = x + attn
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            ffn, counts = self.mlp(h)
+            ffn, counts, dropped = self.mlp.forward(h)
         else:
-            ffn, counts = self.mlp(h), jnp.zeros((0,), jnp.float32)
-        return x + ffn, (max_logit, counts)
+            ffn, counts, dropped = self.mlp(h), jnp.zeros((0,), jnp.float32), jnp.zeros((), jnp.int32)
+        return x + ffn, (max_logit, counts, dropped)
 
 
 def stacked(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
@@ -127,16 +129,19 @@ class K2Model(nnx.Module):
         cfg = self.cfg
         h, cos, sin, mask = self.inputs(input_ids, inputs_embeds=inputs_embeds, positions=positions,
                                         segment_ids=segment_ids)
-        remat = remat_wrapper(cfg.remat, cfg.remat_offload)
+        remat = remat_wrapper(cfg.remat, cfg.remat_offload, cfg.fp8_activations)
         max_logits, counts = [], jnp.zeros((0, cfg.n_routed_experts), jnp.float32)
+        dropped = jnp.zeros((), jnp.int32)
         if self.dense_layers is not None:
-            h, (ml, _) = scan_layers(self.dense_layers, h, cos, sin, mask, remat=remat, unroll=cfg.unroll_layers)
+            h, (ml, _, _) = scan_layers(self.dense_layers, h, cos, sin, mask, remat=remat, unroll=cfg.unroll_layers)
             max_logits.append(ml)
         if self.moe_layers is not None:
-            h, (ml, counts) = scan_layers(self.moe_layers, h, cos, sin, mask, remat=remat, unroll=cfg.unroll_layers)
+            h, (ml, counts, drops) = scan_layers(self.moe_layers, h, cos, sin, mask, remat=remat,
+                                                 unroll=cfg.unroll_layers)
             max_logits.append(ml)
+            dropped = drops.sum()
         return DecoderOutput(logits=self.logits(self.norm(h)), max_attn_logits=jnp.concatenate(max_logits, 0),
-                             expert_counts=counts)
+                             expert_counts=counts, dropped_tokens=dropped)
 
     def head_modules(self) -> tuple[RMSNorm, Embed | Linear]:
         """The final norm and the output projection (the embedding table when tied): the loss head."""

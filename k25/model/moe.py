@@ -97,6 +97,12 @@ class MoE(nnx.Module):
 
     def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         """x (b, s, d) -> (out (b, s, d), per-expert assignment counts (E,))."""
+        out, counts, _ = self.forward(x)
+        return out, counts
+
+    def forward(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+        """`__call__` plus the number of routed assignments dropped by the expert-parallel exchange's
+        capacity (int32 scalar; always 0 when dropless or without expert parallelism)."""
         cfg = self.cfg
         shape = x.shape
         xt = x.reshape(-1, shape[-1])
@@ -105,14 +111,14 @@ class MoE(nnx.Module):
         e = self.experts
         w = (e.gate_proj[...], e.up_proj[...], e.down_proj[...])
         if ambient_ep() > 1:  # experts sharded over the `jax.set_mesh` mesh's `ep` axis: k25/parallel/expert.py
-            out, counts, _ = expert_parallel_moe(xt, weights, idx, *w, cfg.grouped_gemm, cfg.moe_block_size,
-                                                 cfg.ep_capacity_factor)  # dropped count: not reported yet
+            out, counts, dropped = expert_parallel_moe(xt, weights, idx, *w, cfg.grouped_gemm, cfg.moe_block_size,
+                                                       cfg.ep_capacity_factor)
         else:
             out = dispatch_compute_combine(xt, weights, idx, *w, cfg.grouped_gemm, cfg.moe_block_size)
-            counts = expert_counts(idx, cfg.n_routed_experts)
+            counts, dropped = expert_counts(idx, cfg.n_routed_experts), jnp.zeros((), jnp.int32)
         if cfg.n_shared_experts > 0:
             out = out + self.shared_experts(xt)
-        return out.reshape(shape), jax.lax.stop_gradient(counts)
+        return out.reshape(shape), jax.lax.stop_gradient(counts), jax.lax.stop_gradient(dropped)
 
 
 def balance_bias_update(bias: jnp.ndarray, counts: jnp.ndarray, rate: float) -> jnp.ndarray:

@@ -39,6 +39,7 @@ get their cotangents psummed by the shard_map transpose, which is what they need
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +53,10 @@ from k25.parallel import schedule as sched
 from k25.parallel.schedule import Schedule
 
 PP = "pp"
+# Trace-time record of the last traced 1F1B loop's residual slots (for plans: k25.train.loop.plan):
+# {"slot_bytes_per_stage": bytes of the slot buffers on one stage (global over the stage's dp/ep devices),
+#  "unit_bytes_per_stage": one unit's residuals, "slots": res_slots, "offload": bool}
+TRACED_SLOTS: dict[str, Any] = {}
 _PARAMS = "pipeline_chunk_params"  # checkpoint name: gpipe recomputes the chunk slice instead of saving it
 
 # stage_fn(chunk_params, chunk_buffers, x, side_i) -> (y, aux dict of per-layer stats, stacked over the chunk)
@@ -198,8 +203,9 @@ class _GPipeTick(_Tick):
 class _OneFOneBTick(_Tick):
     """Forward and backward units; the forward's VJP residuals wait in slots for the backward."""
 
-    def __init__(self, *args: Any):
+    def __init__(self, *args: Any, offload: bool = False):
         super().__init__(*args)
+        self.offload = offload
         x0, side0 = self.x[0], _take(self.side, 0)
         p0, b0 = _take(self.sp, 0), _take(self.sb, 0)
         found: dict[str, Any] = {}
@@ -212,6 +218,18 @@ class _OneFOneBTick(_Tick):
 
         self.res_shapes = jax.eval_shape(residuals, p0, x0)
         self.treedef, self.from_params = found["treedef"], found["from_params"]
+        unit = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in self.res_shapes)
+        TRACED_SLOTS.clear()
+        TRACED_SLOTS.update(unit_bytes_per_stage=unit, slots=max(self.s.res_slots, 1), offload=offload,
+                            slot_bytes_per_stage=unit * max(self.s.res_slots, 1))
+
+    def _to_host(self, a: jax.Array) -> jax.Array:
+        """With offload, the residual slots live in pinned host memory: a value is moved there when it is
+        parked and back when its backward reads it (`jax.memory.Space`, the memory kinds of the backend)."""
+        return jax.device_put(a, jax.memory.Space.Host) if self.offload else a
+
+    def _to_device(self, a: jax.Array) -> jax.Array:
+        return jax.device_put(a, jax.memory.Space.Device) if self.offload else a
 
     @staticmethod
     def _param_positions(p: Any, leaves: list) -> tuple[int, ...]:
@@ -223,7 +241,7 @@ class _OneFOneBTick(_Tick):
         s, x = self.s, self.x
         return {**self.common_init(),
                 "gbuf": jnp.zeros((max(s.g_slots, 1), *x.shape[1:]), x.dtype),
-                "res": [jnp.zeros((max(s.res_slots, 1), *a.shape), a.dtype) for a in self.res_shapes],
+                "res": [self._to_host(jnp.zeros((max(s.res_slots, 1), *a.shape), a.dtype)) for a in self.res_shapes],
                 "grad": jax.tree.map(jnp.zeros_like, self.sp), "head_grad": jax.tree.map(jnp.zeros_like, self.hp),
                 "dx": jnp.zeros_like(x)}
 
@@ -263,13 +281,13 @@ class _OneFOneBTick(_Tick):
         slot, g_slot = row[sched.RES_SLOT], row[sched.G_SLOT]
         is_fwd, is_bwd, last = (op == sched.FWD) | (op == sched.FWD_HEAD), op == sched.BWD, op == sched.FWD_HEAD
         g = c["gbuf"][jnp.maximum(g_slot, 0)]
-        res = [buf[jnp.maximum(slot, 0)] for buf in c["res"]]
+        res = [self._to_device(buf[jnp.maximum(slot, 0)]) for buf in c["res"]]
         y, stored, aux, dp, dx = jax.lax.switch(op, [self.idle, self.forward, self.forward, self.backward],
                                                 r, i, self.unit_input(c, row), g, res)
         loss, head_aux, dhp, dy = jax.lax.cond(last, self.head, self.no_head, y, i)
         first = is_bwd & (r == 0) & (self.me == 0)  # the gradient w.r.t. the pipeline input, kept here
         c = dict(self.record(c, row, aux, loss, head_aux),
-                 res=[_put(buf, jnp.where(is_fwd, slot, -1), v) for buf, v in zip(c["res"], stored)],
+                 res=[_put(buf, jnp.where(is_fwd, slot, -1), self._to_host(v)) for buf, v in zip(c["res"], stored)],
                  gbuf=_put(c["gbuf"], jnp.where(last, g_slot, -1), dy),
                  grad=jax.tree.map(lambda acc, d: acc.at[r].add(d), c["grad"], dp),
                  head_grad=jax.tree.map(jnp.add, c["head_grad"], dhp),
@@ -277,8 +295,8 @@ class _OneFOneBTick(_Tick):
         return c, jnp.where(last, self.zero, y), jnp.where(first, self.zero, dx)
 
 
-def _run(s: Schedule, tick_cls: type[_Tick], stage_fn: StageFn, head_fn: HeadFn, sp: Any, sb: Any, hp: Any,
-         x: jax.Array, side: Any, hdata: Any) -> dict:
+def _run(s: Schedule, tick_cls: Callable[..., _Tick], stage_fn: StageFn, head_fn: HeadFn, sp: Any, sb: Any,
+         hp: Any, x: jax.Array, side: Any, hdata: Any) -> dict:
     """The shard_map'd tick loop; returns the final carry (plus `activity`), stacked over stages.
 
     With one stage there is nothing to map: the loop runs as plain code (a shard_map over a size-1 `pp`
@@ -329,8 +347,8 @@ def _outputs(s: Schedule, out: dict) -> tuple[jax.Array, dict, dict, jax.Array]:
 
 
 def pipeline_loss(s: Schedule, stage_fn: StageFn, head_fn: HeadFn, stage_params: Any, stage_buffers: Any,
-                  head_params: Any, x: jax.Array, side: Any, head_data: Any, storage: tuple[Any, Any] | None = None
-                  ) -> tuple[jax.Array, dict]:
+                  head_params: Any, x: jax.Array, side: Any, head_data: Any, storage: tuple[Any, Any] | None = None,
+                  offload: bool = False) -> tuple[jax.Array, dict]:
     """Summed loss over microbatches and aux {stage stats in layer order, head stats, `pipeline/activity`}.
 
     stage_params / stage_buffers: stacked (L, ...) in layer order, L divisible by s.stages * s.virtual.
@@ -338,7 +356,7 @@ def pipeline_loss(s: Schedule, stage_fn: StageFn, head_fn: HeadFn, stage_params:
     passed to stage_fn / head_fn for microbatch i. Differentiable w.r.t. stage_params, head_params and x.
     `pipeline/activity` (p, ticks) holds the op each stage ran at each tick (schedule.IDLE/FWD/...).
     `storage`: for (stage_params, stage_buffers), each leaf's stored PartitionSpec (see `_to_stages`); None
-    leaves it to the partitioner.
+    leaves it to the partitioner. `offload` (1f1b): the residual slots are kept in pinned host memory.
     """
     p, v = s.stages, s.virtual
     store_p, store_b = storage if storage is not None and p > 1 else (None, None)
@@ -353,7 +371,8 @@ def pipeline_loss(s: Schedule, stage_fn: StageFn, head_fn: HeadFn, stage_params:
         return fwd(sp, hp, x, sb, side, hdata)[0]
 
     def fwd(sp, hp, x, sb, side, hdata):
-        out = _run(s, _OneFOneBTick, stage_fn, head_fn, sp, sb, hp, x, side, hdata)
+        tick = functools.partial(_OneFOneBTick, offload=offload)
+        out = _run(s, tick, stage_fn, head_fn, sp, sb, hp, x, side, hdata)
         grads = (out["grad"], jax.tree.map(lambda a: a[p - 1], out["head_grad"]), out["dx"][0])
         return _outputs(s, out), grads
 

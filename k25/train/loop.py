@@ -239,6 +239,41 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     return {"step": step, "state": state, "eval": last_eval, "trainer": t}
 
 
+def _offload_accounting(out: dict[str, Any], mesh: Any, mem: Any) -> dict[str, Any]:
+    """Device and host bytes when the 1F1B residual slots live in pinned host memory (`model.remat_offload`).
+
+    A backend that places buffers in two memory spaces reports the host share itself (`host_temp_size_in_bytes`).
+    XLA:CPU has one: it compiles the moves (`jax.device_put` to `jax.memory.Space.Host` and back) but assigns
+    every buffer to the same space. Then the split is accounted from the compiled figure and the traced slots
+    (k25.parallel.pipeline.TRACED_SLOTS): the slot buffers are carried through the whole tick loop, which holds
+    every forward and backward unit, so they are live at the loop's peak; their per-device share (the slot
+    bytes of one stage over its dp*ep devices: every residual carries the microbatch's tokens, split over the
+    data ranks) moves to the host, and the unit being parked or read (one unit's residuals each way) stays
+    on the device as staging.
+    """
+    from k25.parallel.pipeline import TRACED_SLOTS
+
+    host = int(getattr(mem, "host_temp_size_in_bytes", 0) or 0)
+    acc: dict[str, Any] = {"compiled_peak_bytes_per_device": out["peak_bytes_per_device"]}
+    if TRACED_SLOTS:
+        ranks = int(np.prod([n for a, n in mesh.shape.items() if a != "pp"]))
+        acc["residual_slot_bytes_per_device"] = TRACED_SLOTS["slot_bytes_per_stage"] // ranks
+        acc["residual_slots"] = TRACED_SLOTS["slots"]
+    if not TRACED_SLOTS.get("offload"):
+        acc["host_bytes_per_device"] = host
+        return acc
+    if host:
+        acc.update(host_bytes_per_device=host, memory_accounting="compiled (two memory spaces)")
+        return acc
+    slots = acc["residual_slot_bytes_per_device"]
+    staging = 2 * TRACED_SLOTS["unit_bytes_per_stage"] // ranks
+    acc.update(host_bytes_per_device=slots, peak_bytes_per_device=out["peak_bytes_per_device"] - slots + staging,
+               memory_accounting=(
+                   "XLA:CPU has one memory space: device = compiled peak - residual slots (host) + 2 units of "
+                   "staging; assumes the compiled peak lies in the 1F1B tick loop, where the slots are live"))
+    return acc
+
+
 def plan(config: ml_collections.ConfigDict, workdir: str | None = None, compile: bool = False) -> dict[str, Any]:
     """Sizes of the run from abstract shapes only: parameters, optimizer state, per-device bytes."""
     t = Trainer(config, workdir or "")
@@ -273,6 +308,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str | None = None, compile:
             out["output_bytes_per_device"] = int(mem.output_size_in_bytes)
             # the state is donated, so outputs reuse the arguments' buffers: arguments + temporaries is the peak
             out["peak_bytes_per_device"] = out["argument_bytes_per_device"] + out["temp_bytes_per_device"]
+            out.update(_offload_accounting(out, t.mesh, mem))
     if workdir:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "plan.json"), "w") as f:

@@ -116,29 +116,31 @@ def _storage_specs(state: nnx.State) -> Any:
 
 
 def _run_prologue(stacks: list, x: jax.Array, side: tuple, unroll: bool = False
-                  ) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+                  ) -> tuple[jax.Array, tuple[jax.Array, Any, jax.Array]]:
     """The dense layers and the leftover MoE layers, one pipeline microbatch at a time.
 
     They run on every stage, before the pipeline. Taking the whole accumulation batch at once would keep
     every layer's residuals for all m microbatches (and size the expert all-to-all buffers for m times
     the tokens); instead `lax.map` goes over the microbatches, each one checkpointed whole (only its
     input is kept) and recomputed layer by layer (`full` remat) in the backward. Returns (outputs (m, ...),
-    (max attention logits (layers, heads) over microbatches, expert counts (moe layers, E) summed or None)).
+    (max attention logits (layers, heads) over microbatches, expert counts (moe layers, E) summed or None,
+    dropped assignments summed)).
     """
     per_layer = remat_wrapper("full")
 
     @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
     def one(args: tuple) -> tuple[jax.Array, tuple]:
         h, side_i = args
-        mls, cs = [], []
+        mls, cs, dropped = [], [], jnp.zeros((), jnp.int32)
         for graphdef, states, is_moe in stacks:
-            h, (ml, c) = scan_state(graphdef, states, h, *side_i, remat=per_layer, unroll=unroll)
+            h, (ml, c, d) = scan_state(graphdef, states, h, *side_i, remat=per_layer, unroll=unroll)
             mls.append(ml)
             cs += [c] if is_moe else []
-        return h, (jnp.concatenate(mls, 0), jnp.concatenate(cs, 0) if cs else None)
+            dropped = dropped + d.sum()
+        return h, (jnp.concatenate(mls, 0), jnp.concatenate(cs, 0) if cs else None, dropped)
 
-    y, (ml, c) = jax.lax.map(one, (x, side))
-    return y, (ml.max(0), None if c is None else c.sum(0))
+    y, (ml, c, d) = jax.lax.map(one, (x, side))
+    return y, (ml.max(0), None if c is None else c.sum(0), d.sum())
 
 
 def pipelined_decoder_loss(model: K2Model, batch: dict, settings: PipelineSettings, token_loss: TokenLoss,
@@ -150,7 +152,7 @@ def pipelined_decoder_loss(model: K2Model, batch: dict, settings: PipelineSettin
     """
     cfg = model.cfg
     p, v, m = settings.stages, settings.virtual, settings.microbatches
-    remat = remat_wrapper(cfg.remat, cfg.remat_offload)
+    remat = remat_wrapper(cfg.remat, cfg.remat_offload, cfg.fp8_activations)
     h, cos, sin, mask = model.inputs(batch["input_ids"], positions=batch["positions"],
                                      segment_ids=batch["segment_ids"])
     x, side, data = microbatched((h, (cos, sin, mask), {k: batch[k] for k in ("targets", "loss_mask")}), m)
@@ -163,16 +165,16 @@ def pipelined_decoder_loss(model: K2Model, batch: dict, settings: PipelineSettin
         prologue.append((dense_def, (dense_state,), False))
     if before:
         prologue.append((graphdef, jax.tree.map(lambda a: a[:before], (params, buffers)), True))
-    max_logits, counts = [], []
+    max_logits, counts, dropped = [], [], jnp.zeros((), jnp.int32)
     if prologue:
-        x, (ml, c) = _run_prologue(prologue, x, side, cfg.unroll_layers)
+        x, (ml, c, dropped) = _run_prologue(prologue, x, side, cfg.unroll_layers)
         max_logits.append(ml)
         counts += [c] if c is not None else []
     params, buffers = jax.tree.map(lambda a: a[before:], (params, buffers))
 
     def stage_fn(p_chunk: Any, b_chunk: Any, x: jax.Array, side: tuple) -> tuple[jax.Array, dict]:
-        y, (ml, c) = scan_state(graphdef, (p_chunk, b_chunk), x, *side, remat=remat, unroll=cfg.unroll_layers)
-        return y, {"max_attn_logits": ml, "expert_counts": c}
+        y, (ml, c, d) = scan_state(graphdef, (p_chunk, b_chunk), x, *side, remat=remat, unroll=cfg.unroll_layers)
+        return y, {"max_attn_logits": ml, "expert_counts": c, "dropped_tokens": d}
 
     head_def, head_params, head_rest = nnx.split(model.head_modules(), nnx.Param, ...)
 
@@ -182,10 +184,11 @@ def pipelined_decoder_loss(model: K2Model, batch: dict, settings: PipelineSettin
         return loss, {"num_tokens": num_tokens}
 
     loss, aux = pipeline_loss(settings.build(), stage_fn, head_fn, params, buffers, head_params, x, side, data,
-                              storage=storage)
+                              storage=storage, offload=cfg.remat_offload)
     out = {"num_tokens": aux["num_tokens"],
            "max_attn_logits": jnp.concatenate([*max_logits, aux["max_attn_logits"]], 0),
-           "expert_counts": jnp.concatenate([*counts, aux["expert_counts"]], 0)}
+           "expert_counts": jnp.concatenate([*counts, aux["expert_counts"]], 0),
+           "moe/dropped_tokens": dropped + aux["dropped_tokens"].sum()}
     if with_activity:
         out["pipeline/activity"] = aux["pipeline/activity"]
     return loss, out

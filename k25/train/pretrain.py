@@ -45,7 +45,7 @@ def lm_loss(model: nnx.Module, batch: dict) -> tuple[jax.Array, dict]:
     out = model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
     loss, num_tokens = token_loss_sum(out.logits, batch["targets"], batch["loss_mask"])
     return loss, {"num_tokens": num_tokens, "max_attn_logits": out.max_attn_logits,
-                  "expert_counts": out.expert_counts}
+                  "expert_counts": out.expert_counts, "moe/dropped_tokens": out.dropped_tokens}
 
 
 class TextLMStage:

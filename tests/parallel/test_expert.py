@@ -232,3 +232,28 @@ def test_negative_ep_capacity_factor_is_an_error():
     with pytest.raises(ValueError, match="ep_capacity_factor"):
         expert_parallel_moe(x, jnp.ones((8, 2)), jnp.zeros((8, 2), jnp.int32), *(jnp.ones((4, 4, 4)),) * 3,
                             capacity_factor=-1.0, mesh=mesh_of((1, 1, 8)))
+
+
+def test_dropped_tokens_reach_metrics_jsonl(tmp_path):
+    """Capacity mode's dropped count (`expert_parallel_moe`) is a step metric: `moe/dropped_tokens` in
+    metrics.jsonl, 0 when dropless, > 0 with a capacity below the load, also through the 1F1B pipeline (pp=2,
+    2 microbatches: summed over the layers before the pipeline, the chunks and the microbatches). Per call the
+    count is checked against a numpy re-implementation of the drop rule above."""
+    from lm_configs import small_lm_config
+
+    from k25.train import loop
+    from k25.train.metrics import read_metrics
+
+    def dropped(name, factor, pp=1, microbatches=1):
+        c = small_lm_config(layers=3, batch=8, seq_len=16)
+        c.mesh.pp, c.mesh.dp, c.mesh.ep, c.mesh.devices = pp, 1, 2, 2 * pp
+        c.pipeline.microbatches, c.pipeline.schedule = microbatches, "1f1b"
+        c.model.ep_capacity_factor = factor
+        loop.train(c, str(tmp_path / name), stop_after=1)
+        return [r["moe/dropped_tokens"] for r in read_metrics(str(tmp_path / name))]
+
+    assert dropped("dropless", 0.0) == [0]
+    few = dropped("capacity", 0.25)
+    assert few[0] > 0
+    piped = dropped("capacity_pp", 0.25, pp=2, microbatches=2)
+    assert piped[0] > 0 and piped[0] == int(piped[0])

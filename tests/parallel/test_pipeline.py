@@ -214,3 +214,41 @@ def test_pipeline_loss_grads_on_a_toy_stack():
         activity = np.asarray(aux["pipeline/activity"])
         np.testing.assert_array_equal(activity, s.table[:, :, sched.OP].T)  # the loop ran the schedule's ops
         assert abs(np.mean(activity == sched.IDLE) - sched.bubble_theory(4, 2, m)) < 1e-9
+
+
+def test_1f1b_offloaded_slots_equal_device_slots():
+    """`offload=True` parks the 1F1B residual slots in pinned host memory (moves to and from
+    `jax.memory.Space.Host`): the loss and gradients are bit-equal to the slots on the device, and the trace
+    records the slot bytes the plan's host accounting uses."""
+    from jax.sharding import Mesh
+
+    from k25.parallel import schedule as sched
+    from k25.parallel.pipeline import TRACED_SLOTS, pipeline_loss
+
+    L, m, mb, d = 8, 4, 2, 8
+    keys = jax.random.split(jax.random.key(0), 3)
+    w = jax.random.normal(keys[0], (L, d, d)) / np.sqrt(d)
+    x = jax.random.normal(keys[1], (m, mb, d))
+    target = jax.random.normal(keys[2], (m, mb, d))
+
+    def stage_fn(w, b, h, side):
+        h, mx = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), jnp.max(h)), h, w)
+        return h, {"max_h": mx}
+
+    def head_fn(hd, y, t):
+        return jnp.sum((y * hd - t) ** 2), {}
+
+    mesh = Mesh(np.asarray(jax.devices()[:2]).reshape(2, 1, 1), ("pp", "dp", "ep"))
+    s = sched.build("1f1b", 2, 2, m)
+    out = {}
+    for offload in (False, True):
+        def f(w, hd, x):
+            return pipeline_loss(s, stage_fn, head_fn, w, jnp.zeros((L,)), hd, x, jnp.ones((m,)), target,
+                                 offload=offload)
+
+        with jax.set_mesh(mesh):
+            out[offload] = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(w, jnp.ones((d,)), x)
+        assert TRACED_SLOTS["offload"] is offload and TRACED_SLOTS["slots"] == max(s.res_slots, 1)
+        assert TRACED_SLOTS["slot_bytes_per_stage"] == TRACED_SLOTS["slots"] * TRACED_SLOTS["unit_bytes_per_stage"] > 0
+    for a, b in zip(jax.tree.leaves(out[False]), jax.tree.leaves(out[True])):
+        np.testing.assert_array_equal(a, b)
