@@ -127,6 +127,10 @@ class Engine:
 
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None, tool_choice: Any,
                     template_kwargs: dict | None) -> ChatPrompt:
+        # OpenAI's API takes "developer" as the system role of newer models, and clients (inspect_ai, the
+        # openai SDK's newer defaults) send it; the chat format renders it as the system turn it stands for
+        messages = [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m
+                    for m in messages]
         kwargs = dict(template_kwargs or {})
         unknown = set(kwargs) - {"thinking"}
         if unknown:
