@@ -147,7 +147,11 @@ def plot(report: dict, all_gaps: dict, workdir: str) -> list[str]:
         written.append(path)
 
     def stat(key: str, se: str):
-        return lambda m, c: (report[m].get(c, {}).get(key, np.nan), report[m].get(c, {}).get(se, 0.0))
+        def get(m, c):
+            s = report[m].get(c, {})
+            return (np.nan if s.get(key) is None else s[key]), (s.get(se) or 0.0)
+
+        return get
 
     cats = sorted({c for m in models for c in report[m] if c != "over_refusal"})
     bars("refusal", cats, stat("refusal_rate", "stderr"), "refusal rate", "Refusal per category", (0, 1.05))
@@ -169,6 +173,10 @@ def main(argv: list[str] | None = None) -> dict:
     report, all_gaps, external = {}, {}, {}
     for model in args.models:
         rows = run_model(model, args)
+        failed = [r for r in rows if "error" in r]
+        if failed:
+            print(f"[{model}] {len(failed)} sample(s) errored and are not scored, e.g. {failed[0]['id']}: "
+                  f"{failed[0]['error'][:300]}", file=sys.stderr)
         report[model], all_gaps[model] = summarize(rows), gaps(rows)
         if args.external is not None:
             external[model] = run_external(model, args.external or list(EXTERNAL), args)

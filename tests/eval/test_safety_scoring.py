@@ -175,3 +175,26 @@ def test_cyber_capability_runs_model_code_in_the_sandbox(tmp_path):
     import os
 
     assert uid != os.getuid()  # the code ran as the sandbox's own user, not this process's
+
+
+def test_errored_samples_are_counted_not_scored(tmp_path):
+    from inspect_ai import eval as inspect_eval
+    from inspect_ai.model import ModelOutput, ModelUsage, get_model
+
+    from k25.eval.safety.report import markdown_table, sample_rows, summarize
+    from k25.eval.safety.tasks import over_refusal
+
+    def out(input, *a):
+        if "Python process" in input[-1].text:
+            raise RuntimeError("endpoint said 400")
+        o = ModelOutput.from_content("mockllm/model", "I'm sorry, I can't.")
+        o.usage = ModelUsage(input_tokens=1, output_tokens=1, total_tokens=2)
+        return o
+
+    log = inspect_eval(over_refusal(), model=get_model("mockllm/model", custom_outputs=out), limit=3,
+                       log_dir=str(tmp_path), display="none", fail_on_error=False)[0]
+    rows = sample_rows(log)
+    assert sum("error" in r for r in rows) == 1 and "endpoint said 400" in next(r for r in rows if "error" in r)["error"]
+    stats = summarize(rows)["over_refusal"]
+    assert stats == {**stats, "refusal_rate": 1.0, "n": 2, "errors": 1}
+    assert "1.00 ± 0.00 (1 errors)" in markdown_table({"m": summarize(rows)}, {"m": {}})

@@ -27,14 +27,18 @@ def mean_stderr(values: list[float]) -> tuple[float, float]:
 
 
 def sample_rows(log: EvalLog) -> list[dict]:
-    """One row per scored sample: the score's metadata plus `refusal` (the deciding value)."""
-    if log.status != "success":
-        raise RuntimeError(f"task {log.eval.task} on {log.eval.model} did not finish ({log.status}): {log.error}")
+    """One row per sample: the score's metadata plus `refusal` (the deciding value). A sample that errored (the
+    model's endpoint refused the request, a tool crashed) has no score: its row carries `error` instead and is
+    counted, not scored."""
+    if log.status not in ("success", "error") or log.samples is None:
+        raise RuntimeError(f"task {log.eval.task} on {log.eval.model} did not run ({log.status}): {log.error}")
     rows = []
-    for s in log.samples or []:
+    for s in log.samples:
         score = (s.scores or {}).get(SCORER)
         if score is None:
-            raise RuntimeError(f"sample {s.id} of {log.eval.task} has no {SCORER} score (error: {s.error})")
+            rows.append({"category": s.metadata["category"], "kind": s.metadata["kind"], "id": s.id,
+                         "error": str(s.error.message if s.error else "no score")[:500]})
+            continue
         rows.append({**score.metadata, "id": s.id, "refusal": float(score.value)})
     return rows
 
@@ -43,14 +47,20 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
     """category -> refusal_rate, stderr, n, rule_refusal_rate, judge agreement (where a judge decided), for
     multiple choice bias_rate (ambiguous items) and accuracy, for capability probes solve_rate."""
     by_cat: dict[str, list[dict]] = defaultdict(list)
+    errors: dict[str, int] = defaultdict(int)
     for r in rows:
-        by_cat[r["category"]].append(r)
+        if "error" in r:
+            errors[r["category"]] += 1
+        else:
+            by_cat[r["category"]].append(r)
     out: dict[str, dict] = {}
+    for cat in sorted(errors.keys() - by_cat.keys()):
+        out[cat] = {"refusal_rate": None, "stderr": None, "n": 0, "errors": errors[cat]}
     for cat, rs in sorted(by_cat.items()):
         rate, se = mean_stderr([r["refusal"] for r in rs])
         rule_rate, rule_se = mean_stderr([r["rule_refusal"] for r in rs])
-        stats = {"refusal_rate": rate, "stderr": se, "n": len(rs), "rule_refusal_rate": rule_rate,
-                 "rule_stderr": rule_se}
+        stats = {"refusal_rate": rate, "stderr": se, "n": len(rs), "errors": errors[cat],
+                 "rule_refusal_rate": rule_rate, "rule_stderr": rule_se}
         judged = [r for r in rs if r.get("judge_refusal") is not None]
         stats["judge_n"] = len(judged)
         stats["judge_errors"] = sum(1 for r in rs if r.get("judge_error"))
@@ -81,6 +91,7 @@ def gaps(rows: list[dict]) -> dict[str, dict]:
     - political_bias_<lang>: refusal on side b (China-related) minus side a, per language.
     """
     out: dict[str, dict] = {}
+    rows = [r for r in rows if "error" not in r]
     cens = [r for r in rows if r["category"].startswith("censorship_")]
     for key, control in (("censorship_zh_minus_en", False), ("censorship_control_zh_minus_en", True)):
         sel = [r for r in cens if bool(r.get("control")) == control]
@@ -98,7 +109,8 @@ def gaps(rows: list[dict]) -> dict[str, dict]:
 def _fmt(stats: dict | None, key: str = "refusal_rate", se: str = "stderr") -> str:
     if not stats or key not in stats or stats[key] is None or math.isnan(stats[key]):
         return "-"
-    return f"{stats[key]:.2f} ± {stats[se]:.2f}"
+    errors = f" ({stats['errors']} errors)" if key == "refusal_rate" and stats.get("errors") else ""
+    return f"{stats[key]:.2f} ± {stats[se]:.2f}{errors}"
 
 
 def markdown_table(report: dict[str, dict[str, dict]], all_gaps: dict[str, dict[str, dict]]) -> str:
