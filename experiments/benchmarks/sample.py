@@ -103,11 +103,11 @@ def decode_vs_recompute(model: K2Model, a: argparse.Namespace) -> dict[str, Any]
     recompute_s = sum(step_s[w] for w in widths)
 
     # the baseline for real over its first steps: the same tokens as the sampler's
-    w = widths[0]
-    buf = np.zeros((a.batch, w + a.check_steps), np.int32)
+    check = min(a.check_steps, a.new_tokens)
+    buf = np.zeros((a.batch, -(-(a.seq_len + check) // pad) * pad), np.int32)  # a width timed above: no compile
     buf[:, : a.seq_len] = np.asarray(ps)
     matches = []
-    for t in range(a.check_steps):
+    for t in range(check):
         nxt = np.asarray(step(state, buf, np.full((a.batch,), a.seq_len + t, np.int32)))
         matches += [int(nxt[i]) == out[i].token_ids[t] for i in range(a.batch)]
         buf[:, a.seq_len + t] = nxt
