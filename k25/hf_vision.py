@@ -289,13 +289,12 @@ def k25_config_to_hf(cfg: K25Config) -> dict[str, Any]:
             "vision_end_token_id": cfg.vision_end_token_id, "tie_word_embeddings": cfg.text_config.tie_word_embeddings}
 
 
-def k25_plan(hf: Mapping[str, Any], view, **overrides: Any) -> tuple[K25Config, list[Placement]]:
-    """K25Config and the plan for a K2.5 checkpoint; `view` shows transformers' in-memory names
-    (`k25.hf.layout.K25Names` over either on-disk layout)."""
-    cfg = k25_config_from_hf(hf, **overrides)
+def k25_plan(hf: Mapping[str, Any], view, cfg: K25Config) -> list[Placement]:
+    """The plan for a K2.5 checkpoint; `view` shows transformers' in-memory names (`k25.hf.layout.K25Names`
+    over either on-disk layout)."""
     text = text_plan(view.get, view.__contains__, cfg.text_config, prefix="model.language_model.",
                      rope_interleave=hf["text_config"].get("rope_interleave", True), root=("language_model",))
-    return cfg, text + vision_plan(view.get, cfg)
+    return text + vision_plan(view.get, cfg)
 
 
 def k25_tensors(model: nnx.Module, layout: str = "transformers") -> Iterator[tuple[str, np.ndarray]]:

@@ -71,12 +71,12 @@ def load_plan(path: str, on_read: Callable | None = None, **config_overrides: An
     hf = read_config(path)
     view = Dequantized(Reader(path, on_read=on_read), quantization_config(hf))
     if "vision_config" in hf:
-        from k25.hf_vision import k25_plan
+        from k25.hf_vision import k25_config_from_hf, k25_plan
         from k25.model.k25 import K25Model
 
-        heads = int(hf["vision_config"].get("num_attention_heads", 16))
-        view = K25Names(view, heads)
-        cfg, plan = k25_plan(hf, view, **config_overrides)
+        cfg = k25_config_from_hf(hf, **config_overrides)
+        view = K25Names(view, cfg.vision_config.num_attention_heads)
+        plan = k25_plan(hf, view, cfg)
         return cfg, K25Model, plan, view, _skipped(hf, cfg.text_config.tie_word_embeddings)
     config_overrides.setdefault("dtype", "float32")
     cfg = config_from_hf(hf, **config_overrides)

@@ -266,7 +266,7 @@ def test_int4_experts_in_the_released_k25_format(reference, models, tmp_path):
             np.testing.assert_array_equal(np.asarray(lb[path_]), np.asarray(leaf))
 
 
-def test_released_config_spelling(reference):
+def test_released_config_spelling(reference, models, tmp_path):
     """The release's config.json is written for Moonshot's own code (vt_* / init_pos_emb_* vision keys,
     mm_hidden_size, projector_ln_eps, media_placeholder_token_id, text model_type kimi_k2 with rope_scaling)."""
     from k25.hf_vision import k25_config_from_hf
@@ -292,6 +292,10 @@ def test_released_config_spelling(reference):
     text["rope_scaling"] = rope
     released["text_config"] = text
     assert k25_config_from_hf(released) == k25_config_from_hf(written)
+    _, ours = models  # and the whole release: its config spelling over its tensor names
+    k25_hf.save(ours, str(tmp_path), layout="released")
+    (tmp_path / "config.json").write_text(json.dumps(released))
+    assert_same_leaves(ours, k25_hf.load(str(tmp_path)))
     released["vision_config"]["merge_type"] = "sd2"
     with pytest.raises(ValueError, match="merge_type"):
         k25_config_from_hf(released)
