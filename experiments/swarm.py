@@ -66,10 +66,10 @@ def parl_config(lambda1: float = 0.3, lambda2: float = 0.3) -> ml_collections.Co
     c.rl.sampler.min_bucket = 32
     c.rl.sampler.eval_max_new_tokens = 4
     c.parl.reward.lambda1, c.parl.reward.lambda2 = lambda1, lambda2
-    c.parl.reward.anneal_steps = 30
+    c.parl.reward.anneal_steps = 20
     c.parl.reward.parallel_target = 4
-    c.total_steps = 40
-    c.log_every, c.eval_every, c.checkpoint_every = 2, 5, 20
+    c.total_steps = 30
+    c.log_every, c.eval_every, c.checkpoint_every = 2, 5, 10
     c.eval_examples = 12  # held-out tasks (x 3 budgets)
     c.eval_at_start = True
     c.optim.lr = 3e-3

@@ -200,9 +200,12 @@ class ParlWidthEnv(AgentEnv):
 
     def __init__(self, fmt: TurnFormat, tasks: Mapping[str, SwarmTask], tools: Sequence[Tool], *,
                  swarm_config: SwarmConfig | None = None, reward: ParlRewardConfig | None = None,
-                 step_fn: Callable[[], int] = lambda: 0) -> None:
+                 step_fn: Callable[[], int] = lambda: 0, cache: dict | None = None) -> None:
         super().__init__(fmt, self._no_judge, None, max_turns=1)
         self.swarm_tasks, self.env_tools = dict(tasks), list(tools)
+        # the frozen scripted subagents and orchestrator are deterministic, so an episode's stages and scores
+        # depend only on (task, budget, width): envs may share a memo of them (None: run every episode)
+        self.cache = cache
         self.swarm_config = swarm_config or SwarmConfig()
         self.reward_config, self.step_fn = reward or ParlRewardConfig(), step_fn
 
@@ -223,9 +226,15 @@ class ParlWidthEnv(AgentEnv):
         if width is None:
             stages, scores = [{"main_steps": 1, "sub_steps": [], "subagents": []}], {}
         else:
-            cfg = dataclasses.replace(self.swarm_config, max_critical_steps=budget)
-            trace = await run_width(task, self.env_tools, width, cfg)
-            stages, scores = trace.stages, task.score(trace.answer)
+            key = (task.task_id, budget, width)
+            if self.cache is not None and key in self.cache:
+                stages, scores = self.cache[key]
+            else:
+                cfg = dataclasses.replace(self.swarm_config, max_critical_steps=budget)
+                trace = await run_width(task, self.env_tools, width, cfg)
+                stages, scores = trace.stages, task.score(trace.answer)
+                if self.cache is not None:
+                    self.cache[key] = (stages, scores)
         r = episode_reward(stages, scores, self.step_fn(), self.reward_config, width)
         comp = {k: v for k, v in r.items() if k != "reward"}
         info = {"turn": self.turns, "tool_calls": 0, "tool_errors": 0, "truncated": truncated,

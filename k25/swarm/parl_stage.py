@@ -8,6 +8,10 @@ search tasks of `SwarmEnv(config.parl.world_seed)` under critical-step budgets `
 training draws (train-split task, budget) pairs, evaluation runs every held-out task under every budget
 once, greedily. λ1 and λ2 anneal with the trainer step (the iterator's `observe_state` passes it on).
 
+Subagents and the scripted orchestrator are deterministic, so an episode's trace depends only on (task,
+budget, width): the stage's environments share a memo of them (`self.episodes`), which makes a step cost
+the model's sampling and update once the pairs it visits have been run (checked against fresh runs in tests).
+
 `config.parl.policy` picks who decides the width at evaluation: "model" (the trained orchestrator), or a
 fixed baseline with no training ("serial": the single-agent baseline; "scripted": the scripted orchestrator,
 4 companies per subagent), so the baselines run on exactly the same tasks, budgets and metrics.
@@ -75,6 +79,7 @@ class ParlStage(RLStage):
         self.reward_cfg = ParlRewardConfig(**p.reward.to_dict())
         self.swarm_cfg = SwarmConfig.for_benchmark(p.benchmark)
         self.current_step = 0  # the trainer step of the weights in the sampler (λ annealing)
+        self.episodes: dict = {}  # (task, budget, width) -> (stages, scores): the frozen policies are deterministic
         self._world = None
 
     @property
@@ -92,13 +97,14 @@ class ParlStage(RLStage):
     def make_env(self) -> ParlWidthEnv:
         tools, _, _, by_id = self.world
         return ParlWidthEnv(self.fmt, by_id, tools, swarm_config=self.swarm_cfg, reward=self.reward_cfg,
-                            step_fn=lambda: self.current_step)
+                            step_fn=lambda: self.current_step, cache=self.episodes)
 
     def task(self, index: int, seed: int) -> Task:
         """The `index`-th training (task, budget) pair of stream `seed`."""
         _, train, _, _ = self.world
         rng = np.random.default_rng([seed, index])
-        return width_rl_task(train[int(rng.integers(len(train)))], self.budgets[int(rng.integers(len(self.budgets)))])
+        t = width_rl_task(train[int(rng.integers(len(train)))], self.budgets[int(rng.integers(len(self.budgets)))])
+        return dataclasses.replace(t, id=f"{t.id}#{index}")  # ids are unique within a rollout iteration
 
     def eval_tasks(self) -> list[Task]:
         """Every held-out task under every budget (eval_examples caps the tasks, 0 = none)."""

@@ -56,6 +56,18 @@ def test_width_env_runs_the_swarm_runtime_and_pays_the_parl_reward(world, width)
         assert reward == pytest.approx(1.0 + 0.15 * 0.75 + 0.15)  # λ = 0.3 · (1 - 5/10)
 
 
+def test_shared_episode_memo_gives_the_fresh_episode(world):
+    _, tools, tasks = world
+    memo = {}
+    env = ParlWidthEnv(FMT, {t.task_id: t for t in tasks}, tools, reward=CFG, cache=memo)
+    got = []
+    for _ in range(2):
+        env.reset(width_rl_task(tasks[2], 16))
+        got.append(asyncio.run(env.step(list(TOK.encode("6")) + [TOK.eos_id]))[1:])
+    assert list(memo) == [(tasks[2].task_id, 16, 6)] and got[0] == got[1]
+    assert got[0] == play(world, tasks[2], 16, "6")[1:]  # an environment without the memo
+
+
 @pytest.mark.parametrize("text", ["x", "12", " 3 4", ""])
 def test_malformed_width_runs_no_episode_and_earns_nothing(world, text):
     _, reward, done, info = play(world, world[2][1], 16, text)
@@ -119,7 +131,7 @@ def test_parl_smoke_trains_only_the_orchestrator_tokens(tmp_path):
     from k25.train.metrics import read_metrics
 
     c = swarm.get_config("smoke")
-    c.eval_examples = 1
+    c.eval_examples, c.mesh.devices = 1, 1
     out = loop.train(c, str(tmp_path))
     rows = read_metrics(str(tmp_path))
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
@@ -138,7 +150,7 @@ def test_serial_baseline_evaluation_matches_the_runtime(tmp_path):
     from k25.train import loop
 
     c = swarm.get_config("single")
-    c.eval_examples, c.parl.budgets = 2, (16,)
+    c.eval_examples, c.parl.budgets, c.mesh.devices = 2, (16,), 1
     _model_small(c)
     ev = loop.train(c, str(tmp_path))["eval"]
     env = SwarmEnv(0)
