@@ -44,6 +44,10 @@ def model_config(config: dict[str, Any]) -> K2Config | K25Config:
                          projection_hidden_size=vision.hidden_size).validate()
     if "model" in config:
         return K2Config.from_dict(config["model"])
+    if config.get("init_from"):  # a run that took its model from another directory (the sft stage)
+        from k25.train.sft import source_model_config
+
+        return source_model_config(config["init_from"], (config.get("data") or {}).get("tokenizer", "byte"))
     raise ValueError("config.json of the run holds no model config (model_config, model, or lm + vision); "
                      "this run trains no K2 / K2.5 model.")
 

@@ -22,6 +22,7 @@ Evals: `eval/assistant_loss` (CE per assistant token on held-out conversations) 
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -77,6 +78,30 @@ def load_records(cfg: ml_collections.ConfigDict, seed_offset: int = 0, n_scale: 
     return records
 
 
+def source_model_config(path: str, tokenizer: str = "byte") -> K2Config | K25Config:
+    """The model config of an `init_from` directory (a run or an HF checkpoint), nothing loaded but configs;
+    a K2.5 model's media placeholder ids are the chat format's (`tokenizer`), as the sft stage trains them.
+    `k25.train.rundir` uses it to rebuild an sft run's model (its config.json names only `init_from`)."""
+    from k25.train.rundir import is_run_dir, model_config
+
+    if is_run_dir(path):
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = model_config(json.load(f))
+    else:
+        from k25 import hf
+
+        cfg = hf.load_plan(path)[0]
+    return with_chat_media_ids(cfg, load_chat_format(tokenizer))
+
+
+def with_chat_media_ids(cfg: K2Config | K25Config, fmt: ChatFormat) -> K2Config | K25Config:
+    """A K2.5 config whose image/video placeholder ids are the chat format's (text configs unchanged)."""
+    if not isinstance(cfg, K25Config):
+        return cfg
+    video = fmt.video_pad_id if fmt.video_pad_id is not None else cfg.video_token_id
+    return cfg.replace(image_token_id=fmt.image_pad_id, video_token_id=video).validate()
+
+
 class SFTStage:
     """Stage "sft": next-token CE on the assistant tokens of packed chat-format conversations."""
 
@@ -85,11 +110,7 @@ class SFTStage:
         self.fmt: ChatFormat = load_chat_format(config.data.tokenizer)
         self.init_params, cfg = self._model_config(config)
         self.multimodal = isinstance(cfg, K25Config)
-        if self.multimodal:
-            cfg = cfg.replace(image_token_id=self.fmt.image_pad_id,
-                              video_token_id=self.fmt.video_pad_id if self.fmt.video_pad_id is not None
-                              else cfg.video_token_id).validate()
-        self.model_cfg = cfg
+        self.model_cfg = cfg = with_chat_media_ids(cfg, self.fmt)
         self.text_cfg: K2Config = cfg.text_config if self.multimodal else cfg
         try:
             self.fmt.check_vocab(self.text_cfg.vocab_size)
