@@ -4,8 +4,9 @@
 
 NAME is an experiment module (experiments/NAME.py) that defines `ARMS` (its config ARGs), `COLUMNS`
 ((metric key, title) of each table column, scored at the end of a run), `CURVES` ({panel: (sum key, count
-key)} of per-modality loss curves from metrics.jsonl) and optionally `REPORT_TABLE1` (the published row of
-each arm). Each run is `python -m experiments.run --config=experiments/NAME.py:ARM[,VARIANT]
+key)} of per-modality loss curves from metrics.jsonl) and optionally `EXTRA_COLUMNS` (a second table of the
+same shape, e.g. a finer-grained score) and `REPORT_TABLE1` (the published row of each arm). Each run is
+`python -m experiments.run --config=experiments/NAME.py:ARM[,VARIANT]
 --workdir=DIR/ARM/seed_S --config.seed=S` in its own process; a finished run (its final metrics record
 holds the evals) is skipped and an unfinished one resumes from its checkpoint, so the command can be
 rerun after an interruption. Writes DIR/table.md, DIR/table.json and DIR/curves.png.
@@ -99,7 +100,7 @@ def summarize(name: str, workdir: str) -> dict[str, Any]:
         if not finals:
             continue
         row: dict[str, Any] = {"seeds": len(finals)}
-        for key, _ in module.COLUMNS:
+        for key, _ in [*module.COLUMNS, *getattr(module, "EXTRA_COLUMNS", [])]:
             values = [100.0 * r[key] for r in finals]
             mean, sem = _mean_sem(values)
             row[key] = {"mean": mean, "sem": sem, "values": values}
@@ -110,19 +111,31 @@ def summarize(name: str, workdir: str) -> dict[str, Any]:
 
 
 def ranking(summary: dict[str, Any], key: str) -> str:
-    """Arms ordered best first by their mean on `key`, e.g. 'early > mid > late'."""
+    """Arms ordered best first by their mean on `key`, e.g. 'early > mid = late' (= for equal means)."""
     arms = sorted(summary, key=lambda a: -summary[a][key]["mean"])
-    return " > ".join(arms)
+    out = arms[:1]
+    for prev, arm in zip(arms, arms[1:]):
+        out += ["=" if abs(summary[prev][key]["mean"] - summary[arm][key]["mean"]) < 1e-9 else ">", arm]
+    return " ".join(out)
+
+
+def _rows(summary: dict[str, Any], columns: list[tuple[str, str]]) -> list[str]:
+    head = "| arm | " + " | ".join(t for _, t in columns) + " | tokens text / vision |"
+    lines = [head, "|" + "---|" * (len(columns) + 2)]
+    for arm, row in summary.items():
+        cells = [f"{row[k]['mean']:.1f} ± {row[k]['sem']:.1f}" for k, _ in columns]
+        tokens = f"{row['tokens/text'][0]:,} / {row['tokens/vision'][0]:,}"
+        lines.append(f"| {arm} (n={row['seeds']}) | " + " | ".join(cells) + f" | {tokens} |")
+    return lines
 
 
 def table_markdown(name: str, summary: dict[str, Any]) -> str:
     module = importlib.import_module(f"experiments.{name}")
     head = "| arm | " + " | ".join(t for _, t in module.COLUMNS) + " | tokens text / vision |"
-    lines = [head, "|" + "---|" * (len(module.COLUMNS) + 2)]
-    for arm, row in summary.items():
-        cells = [f"{row[k]['mean']:.1f} ± {row[k]['sem']:.1f}" for k, _ in module.COLUMNS]
-        tokens = f"{row['tokens/text'][0]:,} / {row['tokens/vision'][0]:,}"
-        lines.append(f"| {arm} (n={row['seeds']}) | " + " | ".join(cells) + f" | {tokens} |")
+    lines = _rows(summary, module.COLUMNS)
+    extra = getattr(module, "EXTRA_COLUMNS", [])
+    if extra:
+        lines += ["", getattr(module, "EXTRA_TITLE", "Extra columns:"), "", *_rows(summary, extra)]
     report = getattr(module, "REPORT_TABLE1", {})
     if report:
         lines += ["", "The report's Table 1:", "", head.replace(" tokens text / vision |", ""),
@@ -135,7 +148,9 @@ def table_markdown(name: str, summary: dict[str, Any]) -> str:
             theirs = ""
             if report:
                 theirs = " > ".join(sorted(report, key=lambda a: -report[a][i]))
-            lines.append(f"- {title}: {ranking(summary, key)}; report: {theirs}")
+            by_extra = f" (by {extra[i][1]}: {ranking(summary, extra[i][0])})" if len(extra) == len(module.COLUMNS) \
+                else ""
+            lines.append(f"- {title}: {ranking(summary, key)}{by_extra}; report: {theirs}")
     return "\n".join(lines) + "\n"
 
 

@@ -60,4 +60,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 COLUMNS = [(f"eval/table1/{key}", title) for key, title in zip(TABLE1_COLUMNS, (
     "Vision Knowledge", "Vision Reasoning", "OCR", "Text Knowledge", "Text Reasoning", "Code"))]
+EXTRA_COLUMNS = [(f"{key}_token_acc", f"{title} (token acc.)") for key, title in COLUMNS]
+EXTRA_TITLE = "Answer-token accuracy in % (teacher-forced; finer-grained than exact match at this scale):"
 CURVES = {"text": ("loss_sum/text", "loss_tokens/text"), "vision": ("loss_sum/vision", "loss_tokens/vision")}
