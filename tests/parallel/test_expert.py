@@ -234,6 +234,7 @@ def test_negative_ep_capacity_factor_is_an_error():
                             capacity_factor=-1.0, mesh=mesh_of((1, 1, 8)))
 
 
+@pytest.mark.slow
 def test_dropped_tokens_reach_metrics_jsonl(tmp_path):
     """Capacity mode's dropped count (`expert_parallel_moe`) is a step metric: `moe/dropped_tokens` in
     metrics.jsonl, 0 when dropless, > 0 with a capacity below the load, also through the 1F1B pipeline (pp=2,
