@@ -79,7 +79,9 @@ class K2Config:
     initializer_range: float = 0.02
     # memory policy (k25 only): see k25/model/remat.py
     remat: str = "none"  # "none" | "selective" (the report's set) | "full"
-    remat_offload: bool = False  # with "selective": keep saved residuals in pinned host memory (GPU/TPU)
+    # keep saved residuals in pinned host memory: the 1F1B pipeline's residual slots (any backend with memory
+    # kinds; accounted in the plan on XLA:CPU), and with "selective" unpipelined, the dot outputs (GPU/TPU)
+    remat_offload: bool = False
     # k25 only: store each layer's 16-bit activation residuals in float8 e4m3 (per-row scale) for the backward
     fp8_activations: bool = False
     unroll_layers: bool = False  # k25 only: unroll the layer scans (faster small models; compile grows with depth)
