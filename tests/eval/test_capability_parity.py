@@ -22,6 +22,7 @@ def run_dir(tmp_path_factory):
     c = get_config("smoke")
     c.eval_examples = 4
     c.mesh.devices = 1  # the tests' 8 fake devices: a one-device run
+    c.model.vocab_size = 288  # room for the chat format's special tokens (the chat-path test below)
     d = str(tmp_path_factory.mktemp("tiny_lm_smoke"))
     loop.train(c, d)
     return d
@@ -55,3 +56,20 @@ def test_text_heldout_equals_stage_eval(run_dir, tmp_path):
     for s in log.samples:
         assert s.output.completion == preds[s.id], s.id
         assert s.output.metadata["prompt_ids"][0] == tok.bos_id  # raw prompt: bos + prompt, no chat template
+
+
+@pytest.mark.slow
+def test_k25_model_api_chat_path_in_process(run_dir, tmp_path):
+    """The same checkpoint through the sampler and the Kimi chat format (SamplerClient), in process: a safety
+    task with a system prompt and tools (agentic probes) runs, and the sampler's token ids come back."""
+    from k25.eval.safety.tasks import agentic_alignment, over_refusal
+
+    logs = inspect_eval([over_refusal(), agentic_alignment(max_turns=2)], model=f"k25/{run_dir}",
+                        model_args={"prompt_format": "chat", "max_slots": 4, "max_len": 1024}, limit=2,
+                        log_dir=str(tmp_path), display="none", max_tokens=16)
+    for log in logs:
+        assert log.status == "success", log.error
+        for s in log.samples:
+            assert s.scores["safety_scorer"].value in (0.0, 1.0)
+            meta = s.output.metadata
+            assert meta["token_ids"] and len(meta["logprobs"]) == len(meta["token_ids"]) <= 16
