@@ -116,8 +116,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def plot(out: str, run_dirs: list[str]) -> None:
-    """Figure 4 analog: held-out item F1, subagents per episode and critical steps against training step,
-    plus the training reward, one line per run."""
+    """Figure 4 analog: held-out item F1, subagents per episode and critical steps against training step
+    (greedy, every eval_every steps), and the same on the sampled training episodes (`parl/...`) with the
+    reward, one line per run."""
     import os
 
     import matplotlib
@@ -127,8 +128,9 @@ def plot(out: str, run_dirs: list[str]) -> None:
 
     from k25.train.metrics import read_metrics
 
-    keys = ("eval/item_f1", "eval/subagents_per_episode", "eval/critical_steps", "reward")
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
+    keys = ("eval/item_f1", "eval/subagents_per_episode", "eval/critical_steps", "parl/item_f1", "parl/subagents",
+            "reward")
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
     for d in run_dirs:
         rows = read_metrics(d)
         for ax, k in zip(axes.flat, keys):
