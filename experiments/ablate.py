@@ -175,11 +175,7 @@ def curves(name: str, workdir: str) -> dict[str, dict[str, tuple[list[int], list
 
 def plot_curves(data: dict[str, dict[str, tuple[list[int], list[float]]]], path: str | None = None):
     """One panel per modality, one line per arm; saved to `path` when given. Returns the figure."""
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # headless hosts get the Agg backend by default; notebooks keep theirs
 
     fig, axes = plt.subplots(1, len(data), figsize=(5 * len(data), 3.6), squeeze=False)
     for ax, (panel, arms) in zip(axes[0], data.items()):
@@ -201,7 +197,9 @@ def write_outputs(name: str, workdir: str) -> dict[str, Any]:
         json.dump(summary, f, indent=1)
     with open(os.path.join(workdir, "table.md"), "w") as f:
         f.write(table_markdown(name, summary))
-    plot_curves(curves(name, workdir), os.path.join(workdir, "curves.png"))
+    import matplotlib.pyplot as plt
+
+    plt.close(plot_curves(curves(name, workdir), os.path.join(workdir, "curves.png")))  # saved, not shown
     return summary
 
 

@@ -174,11 +174,7 @@ def table_markdown(summary: dict[str, Any]) -> str:
 
 def plot_heatmaps(summary: dict[str, Any], path: str | None = None):
     """Depth x length passkey accuracy, one panel per model; saved to `path` when given."""
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # headless hosts get the Agg backend by default; notebooks keep theirs
     import numpy as np
 
     fig, axes = plt.subplots(1, len(summary), figsize=(3.2 * len(summary), 3.2), squeeze=False)
