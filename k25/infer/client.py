@@ -174,7 +174,7 @@ class SamplerClient:
             max_new = self.engine.check_length(len(prompt.ids), max_tokens)
             (choice,) = await self.engine.generate(prompt.ids, n=1, max_tokens=max_new, temperature=temperature,
                                                    top_p=top_p, top_k=None, seed=seed, stop_ids=prompt.stop_ids,
-                                                   stop=list(stop or ()), top_logprobs=0)
+                                                   stop=list(stop or ()), top_logprobs=0, media=prompt.media)
         except BadRequest as e:
             raise ClientError(f"{self.model}: {e}") from e
         msg, reason = assistant_turn(choice, prompt.thinking)
