@@ -7,7 +7,8 @@ images); this repeats until a turn has no tool call (its content is the answer) 
 
 Metrics: `eval/tool_call_rate` (episodes with at least one tool call, malformed ones included),
 `eval/code_ok_rate` (tool calls that ran without error, over all calls; 0 when there were none),
-`eval/vision_accuracy` (right final answers, `VisionTask.grade`), and each per kind
+`eval/vision_accuracy` (right final answers, `VisionTask.grade`), `eval/episode_errors` (episodes the backend
+refused a turn of, e.g. a full context: a number that should be 0), and per kind
 (`eval/vision_accuracy/<kind>`, `eval/tool_call_rate/<kind>`).
 """
 
@@ -53,6 +54,7 @@ class EpisodeResult:
     score: float
     turns: int
     messages: list[dict[str, Any]]
+    error: str | None = None  # the backend refused a turn (e.g. the context is full): the episode ended there
 
 
 async def run_episode(client: ChatClient, task: VisionTask, *, max_turns: int, max_new_tokens: int,
@@ -62,11 +64,13 @@ async def run_episode(client: ChatClient, task: VisionTask, *, max_turns: int, m
     messages: list[dict[str, Any]] = [{"role": "user", "content": task.user_content()}]
     calls = ok = turns = 0
     answer: str | None = None
+    error = None
     for turn in range(max_turns):
         try:
             res = await client.chat(messages, tools=[PYTHON_TOOL], temperature=0.0, max_tokens=max_new_tokens,
                                     seed=seed + turn, chat_template_kwargs={"thinking": False})
-        except ClientError:  # the context is full: the episode ends without an answer
+        except ClientError as e:  # e.g. the context is full: the episode ends without an answer (counted)
+            error = str(e)
             break
         turns += 1
         msg = dict(res.message)
@@ -87,7 +91,8 @@ async def run_episode(client: ChatClient, task: VisionTask, *, max_turns: int, m
             if images:
                 content = [{"type": "text", "text": text}] + [image_part(im) for im in images[:1]]
             messages.append({"role": "tool", "tool_call_id": call.get("id") or f"invalid:{k}", "content": content})
-    return EpisodeResult(task.kind, calls, ok, task.grade(answer) if answer is not None else 0.0, turns, messages)
+    return EpisodeResult(task.kind, calls, ok, task.grade(answer) if answer is not None else 0.0, turns, messages,
+                         error)
 
 
 async def run_all(client: ChatClient, tasks: list[VisionTask], cfg: ml_collections.ConfigDict) -> list[EpisodeResult]:
@@ -115,6 +120,7 @@ def summarize(results: list[EpisodeResult]) -> dict[str, float]:
 
     out: dict[str, float] = {}
     out["eval/tool_call_rate"], out["eval/code_ok_rate"], out["eval/vision_accuracy"] = stats(results)
+    out["eval/episode_errors"] = float(np.mean([r.error is not None for r in results]))
     by_kind: dict[str, list[EpisodeResult]] = defaultdict(list)
     for r in results:
         by_kind[r.kind].append(r)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -39,6 +40,7 @@ def test_zero_vision_trajectories_are_executed_and_verified(zero_records, tmp_pa
     assert read_jsonl(str(tmp_path / "zv.jsonl")) == json.loads(json.dumps(zero_records))
 
 
+@pytest.mark.slow
 def test_text_vision_returns_images_and_k25_rows_plan_them():
     from k25.parallel.dep import reference_loss_fn
     from k25.train.multimodal import multimodal_lm_loss
@@ -56,8 +58,7 @@ def test_text_vision_returns_images_and_k25_rows_plan_them():
         assert tool_images  # crop / rotate / flip results come back as images
     raw = stage.raw_batch(0, 0)
     assert raw["vision/patches"].shape[0] == 1 and int(raw["loss_mask"].sum()) > 0
-    pads = int((raw["input_ids"] == stage.fmt.image_pad_id).sum())
-    assert pads == int(raw["media_src"].max()) + 1 if "media_src" in raw else pads > 0
+    assert int((raw["input_ids"] == stage.fmt.image_pad_id).sum()) > 0
     # the planned step loss equals the plain K2.5 loss on the same rows
     from flax import nnx
     model = stage.build_model(nnx.Rngs(0))
@@ -65,7 +66,8 @@ def test_text_vision_returns_images_and_k25_rows_plan_them():
     from k25.train.joint import stack_rows
     plain = stack_rows(rows)
     want = reference_loss_fn(multimodal_lm_loss)(model, plain)[0]
-    got = stage.loss_fn(model, {k: jnp.asarray(v) for k, v in raw.items()})[0]
+    with jax.set_mesh(stage.mesh):
+        got = jax.jit(lambda b: stage.loss_fn(model, b)[0])({k: jnp.asarray(v) for k, v in raw.items()})
     np.testing.assert_allclose(float(got), float(want), rtol=1e-4)
 
 
@@ -116,4 +118,32 @@ def test_agent_metrics_count_failures():
     out = summarize(results)
     assert out["eval/tool_call_rate"] == pytest.approx(2 / 3)
     assert out["eval/code_ok_rate"] == pytest.approx(1 / 3)  # 3 calls: an exception, a good one, bad JSON
-    assert out["eval/vision_accuracy"] == pytest.approx(1.0)
+    assert out["eval/vision_accuracy"] == pytest.approx(1.0) and out["eval/episode_errors"] == 0.0
+
+
+@pytest.mark.slow
+def test_zero_vision_smoke_cli(tmp_path):
+    """The experiment's smoke arm end to end: generated sources, K2.5 SFT steps, both evals, and the run
+    directory reloads through rundir (the path the RL stage starts from)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    workdir = str(tmp_path / "smoke")
+    cmd = [sys.executable, "-m", "experiments.run", "--config=experiments/zero_vision_sft.py:smoke",
+           f"--workdir={workdir}", "--config.mesh.devices=1"]
+    proc = subprocess.run(cmd, cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    last = records[-1]
+    for key in ("eval/tool_call_rate", "eval/code_ok_rate", "eval/vision_accuracy", "eval/assistant_loss"):
+        assert key in last
+    assert last["eval/episode_errors"] == 0.0  # every episode's turns reached the model (images included)
+    from k25.train.rundir import load_model
+
+    model = load_model(workdir)
+    assert model.cfg.image_token_id == 259 and model.cfg.text_config.vocab_size == 278
