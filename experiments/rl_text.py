@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every, c.eval_every, c.checkpoint_every = 5, 20, 20
     c.eval_examples = 100  # held-out reasoning prompts
     c.eval_at_start = True
-    c.optim.lr = 1e-3
+    c.optim.lr = 1e-4  # Muon updates are scale-free: 1e-3 (a third of the warm-up peak) collapsed the policy
     c.optim.warmup_steps = 0
     c.optim.schedule = "constant"
     c.optim.weight_decay = 0.0  # RL moves the warmed-up weights a little; no pull towards zero
@@ -84,6 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.rl.loss.correction = corr
         c.rl.sampler.dtype = "bfloat16"
         c.model.dtype = "float32"
+        c.total_steps, c.eval_every, c.checkpoint_every = 30, 10, 30
     elif arg == "smoke":
         _model(c, hidden=64, layers=2)
         c.rl.group_size = 4
