@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_k2_full_layout_lowers_on_512_emulated_devices(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=512")
     cmd = [sys.executable, "-m", "experiments.run", "--config=experiments/k2_full.py:layout", f"--workdir={tmp_path}",
-           "--dry_run"]
+           "--dry_run", "--compile"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     plan = json.loads((tmp_path / "plan.json").read_text())
@@ -25,3 +25,10 @@ def test_k2_full_layout_lowers_on_512_emulated_devices(tmp_path):
     # every stack is stored 1/16 per stage even though 60 MoE layers do not divide into 16 stages
     # (replicating the 60-layer stack over pp was 300.6 GB per device; stored over pp it is 27.6 GB)
     assert plan["param_bytes_per_device"] < 30e9
+    # selective recomputation + FP8 residuals + 1F1B slots in host memory (the layout's defaults). XLA:CPU has one
+    # memory space, so the host share is accounted (plan.json `memory_accounting`). Measured: 166 GB device,
+    # 119 GB host per device; the 80 GB target is NOT met yet (BUILD_NOTES.md, K2 layout memory), so this
+    # guards the measured figure instead of asserting 80e9.
+    assert plan["memory_accounting"] and plan["host_bytes_per_device"] > 100e9
+    assert plan["peak_bytes_per_device"] < plan["compiled_peak_bytes_per_device"] < 300e9
+    assert plan["peak_bytes_per_device"] <= 170e9, plan
