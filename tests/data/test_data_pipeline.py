@@ -124,7 +124,7 @@ def test_pipeline_mixes_tasks_by_weight():
 def test_eval_examples():
     cfg = default_data_config()
     evals = make_eval_examples(cfg, TOK, n_per_task=16)
-    assert set(evals) == set(TASKS)
+    assert set(evals) == set(cfg.sources) and set(evals) <= set(TASKS)
     for name, examples in evals.items():
         assert len(examples) == 16
         for ex in examples:
