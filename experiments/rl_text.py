@@ -106,30 +106,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def plot(out: str, run_dirs: list[str]) -> None:
     """Curves of RL runs from their metrics.jsonl, one line per run."""
-    import os
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from k25.train.metrics import read_metrics
+    from k25.train.metrics import plot_runs
 
     keys = ("reward", "eval/accuracy", "response_length", "mean_abs_log_ratio", "masked_fraction", "entropy")
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    for d in run_dirs:
-        rows = read_metrics(d)
-        for ax, k in zip(axes.flat, keys):
-            pts = [(r["step"], r[k]) for r in rows if k in r]
-            if pts:
-                ax.plot(*zip(*pts), marker=".", label=os.path.basename(os.path.normpath(d)))
-    for ax, k in zip(axes.flat, keys):
-        ax.set_title(k)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    plot_runs(out, run_dirs, keys, xlabel="step", figsize=(13, 7))
 
 
 if __name__ == "__main__":

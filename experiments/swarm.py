@@ -119,31 +119,11 @@ def plot(out: str, run_dirs: list[str]) -> None:
     """Figure 4 analog: held-out item F1, subagents per episode and critical steps against training step
     (greedy, every eval_every steps), and the same on the sampled training episodes (`parl/...`) with the
     reward, one line per run."""
-    import os
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from k25.train.metrics import read_metrics
+    from k25.train.metrics import plot_runs
 
     keys = ("eval/item_f1", "eval/subagents_per_episode", "eval/critical_steps", "parl/item_f1", "parl/subagents",
             "reward")
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
-    for d in run_dirs:
-        rows = read_metrics(d)
-        for ax, k in zip(axes.flat, keys):
-            pts = [(r["step"], r[k]) for r in rows if k in r]
-            if pts:
-                ax.plot(*zip(*pts), marker=".", label=os.path.basename(os.path.normpath(d)))
-    for ax, k in zip(axes.flat, keys):
-        ax.set_title(k)
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    plot_runs(out, run_dirs, keys, xlabel="training step", figsize=(14, 7))
 
 
 if __name__ == "__main__":
