@@ -25,7 +25,6 @@ _PARAM_DTYPE = flags.DEFINE_string("param_dtype", "float32", "HF -> run: the wei
 _LAYOUT = flags.DEFINE_enum("layout", "transformers", ["transformers", "released"],
                             "run -> HF, K2.5 only: save_pretrained's tensor names or the release's spelling.")
 _SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "run -> HF: the largest safetensors file, in GB.")
-flags.mark_flags_as_required(["from", "to"])
 
 
 def convert(src: str, dst: str, param_dtype: str = "float32", layout: str = "transformers",
@@ -53,6 +52,11 @@ def convert(src: str, dst: str, param_dtype: str = "float32", layout: str = "tra
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    # Checked here, not with flags.mark_flags_as_required: that validator sits on the process-wide FLAGS and
+    # would fail every other absl entry point imported into the same process (the test suite's workers).
+    missing = [f"--{name}" for name, flag in (("from", _FROM), ("to", _TO)) if not flag.value]
+    if missing:
+        raise app.UsageError(f"{' and '.join(missing)} required: --from=SRC_DIR --to=DST_DIR.")
     direction = convert(_FROM.value, _TO.value, _PARAM_DTYPE.value, _LAYOUT.value, int(_SHARD_GB.value * 2**30))
     print(f"{direction}: {_FROM.value} -> {_TO.value}")
 

@@ -23,7 +23,6 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
                                    "TPU pods and SLURM are detected without it).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def setup_logging(workdir: str) -> str:
@@ -43,6 +42,11 @@ def setup_logging(workdir: str) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; config fields are set as --config.FIELD=VALUE")
+    # Checked here rather than with flags.mark_flags_as_required, whose validator sits on the process-wide FLAGS
+    # and fails every other absl entry point imported into the same process.
+    missing = [f"--{name}" for name, value in (("config", _CONFIG.value), ("workdir", _WORKDIR.value)) if not value]
+    if missing:
+        raise app.UsageError(f"{' and '.join(missing)} required: --config=experiments/NAME.py[:ARG] --workdir=DIR.")
     setup_logging(_WORKDIR.value)
     import jax
 

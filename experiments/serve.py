@@ -12,7 +12,7 @@ import os
 
 from absl import app, flags
 
-flags.DEFINE_string("checkpoint", None, "k25 run directory or HF checkpoint directory.", required=True)
+flags.DEFINE_string("checkpoint", None, "k25 run directory or HF checkpoint directory (required).")
 flags.DEFINE_string("host", "127.0.0.1", "Address to bind (loopback by default).")
 flags.DEFINE_integer("port", 8000, "Port to listen on.")
 flags.DEFINE_string("api_key", None, "If set, clients must send 'Authorization: Bearer KEY'.")
@@ -23,8 +23,11 @@ flags.DEFINE_enum("cache_dtype", "bfloat16", ["bfloat16", "float32"], "KV cache 
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-    del argv
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not FLAGS.checkpoint:  # checked here, not as a required flag: see experiments/convert.py
+        raise app.UsageError("--checkpoint required: a k25 run directory or an HF checkpoint directory.")
     import jax.numpy as jnp
     import uvicorn
 

@@ -38,18 +38,28 @@ def model_config(config: dict[str, Any]) -> K2Config | K25Config:
     if "model_config" in config:
         kind, d = config["model_config"]["kind"], config["model_config"]["config"]
         return K25Config.from_dict(d) if kind == "k25" else K2Config.from_dict(d)
+    if config.get("stage") == "sft":  # the sft stage's model: init_from's (or lm + vision / model), chat media ids
+        from k25.train.sft import source_model_config, with_chat_media_ids
+
+        tokenizer = (config.get("data") or {}).get("tokenizer", "byte")
+        if config.get("init_from"):
+            return source_model_config(config["init_from"], tokenizer)
+        from k25.data.chat import load_chat_format
+
+        return with_chat_media_ids(_built_config(config), load_chat_format(tokenizer))
+    return _built_config(config)
+
+
+def _built_config(config: dict[str, Any]) -> K2Config | K25Config:
+    """The model a stage builds from scratch out of its config fields."""
     if "lm" in config and "vision" in config:  # the K2.5 stages build K25Config this way
         vision = MoonViTConfig.from_dict(config["vision"])
         return K25Config(text_config=K2Config.from_dict(config["lm"]), vision_config=vision,
                          projection_hidden_size=vision.hidden_size).validate()
     if "model" in config:
         return K2Config.from_dict(config["model"])
-    if config.get("init_from"):  # a run that took its model from another directory (the sft stage)
-        from k25.train.sft import source_model_config
-
-        return source_model_config(config["init_from"], (config.get("data") or {}).get("tokenizer", "byte"))
-    raise ValueError("config.json of the run holds no model config (model_config, model, or lm + vision); "
-                     "this run trains no K2 / K2.5 model.")
+    raise ValueError("config.json of the run holds no model config (model_config, model, lm + vision, or "
+                     "init_from for the sft stage); this run trains no K2 / K2.5 model.")
 
 
 HF_FILES = "hf"  # the source HF directory's other files (tokenizer, chat template, generation config)
