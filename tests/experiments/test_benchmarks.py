@@ -35,7 +35,12 @@ def test_every_benchmark_has_a_smoke_case():
     assert not missing, f"add a smoke case for {missing}"
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+# Each smoke case is a subprocess that compiles its models from scratch (10-60 s): the slow tier, except the
+# cheapest, which keeps the bench CLI itself in the fast tier.
+FAST = {"moe"}
+
+
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in sorted(CASES)])
 def test_benchmark_prints_its_figures(name):
     args, keys = CASES[name]
     out = subprocess.run([sys.executable, "-m", "experiments.bench", name, *args], capture_output=True, text=True,

@@ -1,6 +1,7 @@
 """ZeRO-1: optimizer state is sharded over the data ranks and training matches the 1-device run."""
 
 import numpy as np
+import pytest
 from jax.sharding import PartitionSpec as P
 from lm_configs import small_lm_config
 
@@ -30,6 +31,7 @@ def test_zero1_spec_prefers_batch_axes_for_muon():
     assert zero1_spec((3, 5, 7), P(None, None, None), mesh, muon=True, expert=False) == P(None, None, None)
 
 
+@pytest.mark.slow  # two 8-device training runs in subprocesses (~60 s); the spec tests above stay fast
 def test_zero1_dp8_matches_one_device(tmp_path):
     one = small(devices=1)
     loop.train(one, str(tmp_path / "one"))
