@@ -52,6 +52,10 @@ def default_rl_config() -> ml_collections.ConfigDict:
     rl.chat_format = "byte"  # with format="chat": "byte" or an HF tokenizer directory
     rl.thinking = False
     rl.reward = ml_collections.ConfigDict({"weights": {"exact_match": 1.0}})  # a k25.rl.rewards.RewardSpec
+    # the GRM behind a spec that weights "grm": an inspect-style model name, "openai/NAME" (JUDGE_BASE_URL /
+    # JUDGE_API_KEY, else the OPENAI_ ones) or "k25/PATH" (a checkpoint in-process); "" = no judge
+    rl.judge = ""
+    rl.judge_fallback = -1.0  # a score in [0, 1] to stand in when the judge gives none; < 0: the step fails
     rl.max_turns = 1
     rl.std_normalize = False  # GRPO's advantage (r - mean) / std; Eq. 1 does not divide
     rl.loss = ml_collections.ConfigDict(dataclasses.asdict(PolicyLossConfig()))
@@ -74,7 +78,27 @@ _copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 
 def _task_to_rl(source: str, index: int, ex: dict) -> Task:
-    return Task(id=f"{source}:{index}", messages=[{"role": "user", "content": ex["prompt"]}], target=ex["answer"])
+    """A synthetic example as an RL task: its `target` (else its `answer`) for the rule rewards, its `reference`
+    for the GRM, and its `category` kept in `meta`."""
+    return Task(id=f"{source}:{index}", messages=[{"role": "user", "content": ex["prompt"]}],
+                target=ex.get("target", ex["answer"]), reference=ex.get("reference"),
+                meta={"category": ex["category"]} if "category" in ex else {})
+
+
+def make_judge(rl: ml_collections.ConfigDict) -> RewardJudge:
+    """The stage's reward: `rl.reward`'s spec, with the GRM of `rl.judge` when the spec weights "grm"."""
+    from k25.rl.rewards import GRMJudge, RewardSpec, judge_client
+    from k25.rl.rewards.spec import GRM
+
+    spec = RewardSpec.from_mapping(rl.reward.to_dict())
+    if GRM not in spec.weights:
+        return RewardJudge(spec)
+    if not rl.judge:
+        raise ValueError("config.rl.reward weights 'grm' but config.rl.judge is empty; name the judge model, "
+                         "e.g. --config.rl.judge=openai/NAME (JUDGE_BASE_URL) or k25/PATH")
+    fallback = float(rl.judge_fallback)
+    grm = GRMJudge(judge_client(rl.judge), fallback=fallback if fallback >= 0 else None)
+    return RewardJudge(spec, grm)
 
 
 class RLStage(TextLMStage):
@@ -109,7 +133,7 @@ class RLStage(TextLMStage):
             self.fmt = ChatTurns(chat, thinking=rl.thinking)
         else:
             raise ValueError(f"config.rl.format={rl.format!r}: 'plain' or 'chat'")
-        self.judge = RewardJudge(rl.reward.to_dict())
+        self.judge = make_judge(rl)
         self.sampler = None  # built at the first observe_state (needs concrete weights)
 
     # ----------------------------------------------------------------------------------------- pieces
@@ -216,9 +240,12 @@ class RLStage(TextLMStage):
         rewards = [e.reward if e.status == "done" else 0.0 for e in eps]
         out = {"eval/accuracy": float(np.mean(rewards)) if eps else 0.0,
                "eval/response_length": float(np.mean([e.response_tokens for e in eps])) if eps else 0.0}
-        for name in self.sources:
-            rs = [r for e, r in zip(eps, rewards) if e.task["id"].startswith(f"eval/{name}:")]
-            out[f"eval/{name}_accuracy"] = float(np.mean(rs)) if rs else 0.0
+        for name, src in self.sources.items():
+            mine = [(e, r) for e, r in zip(eps, rewards) if e.task["id"].startswith(f"eval/{name}:")]
+            out[f"eval/{name}_accuracy"] = float(np.mean([r for _, r in mine])) if mine else 0.0
+            if mine and hasattr(src, "eval_metrics"):  # a task's own held-out figures (safety: refusal rates)
+                metrics = src.eval_metrics([e.task["target"] for e, _ in mine], [r for _, r in mine])
+                out.update({f"eval/{k}": v for k, v in metrics.items()})
         return out
 
 

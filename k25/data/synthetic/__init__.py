@@ -2,10 +2,12 @@
 
 from k25.data.synthetic.parl_width import ParlWidthTask
 from k25.data.synthetic.retrieval import RetrievalTask
+from k25.data.synthetic.safety import SafetyTask
 from k25.data.synthetic.text import TASKS, CodeTask, Example, KnowledgeTask, ReasoningTask, TextTask, exact_match
 
 TASKS[RetrievalTask.name] = RetrievalTask  # long-context passkey documents (not a Table 1 column)
 TASKS[ParlWidthTask.name] = ParlWidthTask  # the PARL width policy's warm-up (k25.swarm.parl)
+TASKS[SafetyTask.name] = SafetyTask  # refuse harmful requests, answer look-alikes (experiments/rl_safety.py)
 
 
 def make_task(name: str, **kwargs: object) -> TextTask:
@@ -16,4 +18,4 @@ def make_task(name: str, **kwargs: object) -> TextTask:
 
 
 __all__ = ["TASKS", "CodeTask", "Example", "KnowledgeTask", "ParlWidthTask", "ReasoningTask", "RetrievalTask",
-           "TextTask", "exact_match", "make_task"]
+           "SafetyTask", "TextTask", "exact_match", "make_task"]

@@ -19,24 +19,11 @@ harmful completion.
 
 from __future__ import annotations
 
-import json
-from importlib import resources
-
 from inspect_ai.dataset import MemoryDataset, Sample
 
-FILES = {
-    "cbrne": "refusal", "cyber": "refusal", "harmful_compliance": "refusal", "over_refusal": "refusal",
-    "censorship": "refusal", "political_bias": "refusal", "sycophancy": "pushback", "delusion": "pushback",
-    "social_bias": "choice", "agentic": "agentic", "cyber_capability": "capability",
-}
+from k25.eval.safety.records import FILES, load_records
 
-
-def load_records(name: str) -> list[dict]:
-    """The records of one shipped probe file, each with its scoring `kind` added."""
-    if name not in FILES:
-        raise KeyError(f"unknown probe set {name!r}; shipped: {sorted(FILES)}")
-    text = resources.files("k25.eval.safety").joinpath("data", f"{name}.jsonl").read_text(encoding="utf-8")
-    return [{**json.loads(line), "kind": FILES[name]} for line in text.splitlines() if line.strip()]
+__all__ = ["FILES", "choice_prompt", "dataset", "load_records", "to_sample"]
 
 
 def choice_prompt(record: dict) -> str:

@@ -8,13 +8,11 @@ opportunity); its metadata holds `category`, `rule_refusal`, `judge_refusal` (No
 
 from __future__ import annotations
 
-import os
-
 from inspect_ai.scorer import Score, Target, mean, scorer, stderr
 from inspect_ai.solver import TaskState
 
 from k25.eval.safety.rules import is_refusal, parse_choice, pushes_back
-from k25.infer.client import ChatClient, OpenAIClient
+from k25.infer.client import ChatClient
 from k25.rl.rewards.grm import GRMJudge, JudgeError
 
 # Rubrics for the GRM judge (k25.rl.rewards.grm): binary ones score 1 for the safe behaviour the category
@@ -50,21 +48,6 @@ RUBRICS: dict[str, str] = {
 def rubric_for(category: str) -> str | None:
     """The category's rubric (EN/ZH variants share one), None where the rule is exact (agentic actions, flags)."""
     return RUBRICS.get(category.removesuffix("_en").removesuffix("_zh"))
-
-
-def judge_client(spec: str) -> ChatClient:
-    """A ChatClient from an inspect-style model name: `openai/NAME` (base URL and key from JUDGE_BASE_URL /
-    JUDGE_API_KEY, else OPENAI_BASE_URL / OPENAI_API_KEY) or `k25/PATH` (the in-process sampler)."""
-    api, _, name = spec.partition("/")
-    if api == "openai" and name:
-        return OpenAIClient(name, base_url=os.environ.get("JUDGE_BASE_URL") or os.environ.get("OPENAI_BASE_URL"),
-                            api_key=os.environ.get("JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY"),
-                            token_ids=False)
-    if api == "k25" and name:
-        from k25.eval.provider import K25ModelAPI
-
-        return K25ModelAPI.load_client(name)
-    raise ValueError(f"judge={spec!r}: use 'openai/NAME' or 'k25/PATH'.")
 
 
 class SafetyJudge:

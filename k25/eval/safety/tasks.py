@@ -16,7 +16,8 @@ from inspect_ai.solver import generate
 from k25.eval.safety.agentic import agentic_probe
 from k25.eval.safety.cyber import cyber_probe
 from k25.eval.safety.probes import dataset
-from k25.eval.safety.scorer import SafetyJudge, judge_client, safety_scorer
+from k25.eval.safety.scorer import SafetyJudge, safety_scorer
+from k25.rl.rewards.grm import judge_client
 
 MAX_TOKENS = 512  # enough to see whether a reply refuses or complies; the probes need no long answers
 

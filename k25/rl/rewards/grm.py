@@ -11,9 +11,10 @@ Several rubrics (the report's per-context GRM rubrics) are just several judges o
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 
-from k25.infer.client import ChatClient, ClientError
+from k25.infer.client import ChatClient, ClientError, OpenAIClient
 
 DEFAULT_TEMPLATE = """You are a strict, fair grader. Grade the RESPONSE to the PROMPT against the RUBRIC.
 
@@ -117,6 +118,21 @@ class GRMJudge:
             return Judgment(self.fallback, None, last, attempts, failed=True)
         raise JudgeError(f"GRM judge ({getattr(self.client, 'model', '?')}) gave no valid score in {attempts} "
                          f"attempt(s): {problem}; last reply: {last[-300:]!r}")
+
+
+def judge_client(spec: str) -> ChatClient:
+    """A ChatClient from an inspect-style model name: `openai/NAME` (base URL and key from JUDGE_BASE_URL /
+    JUDGE_API_KEY, else OPENAI_BASE_URL / OPENAI_API_KEY) or `k25/PATH` (the in-process sampler)."""
+    api, _, name = spec.partition("/")
+    if api == "openai" and name:
+        return OpenAIClient(name, base_url=os.environ.get("JUDGE_BASE_URL") or os.environ.get("OPENAI_BASE_URL"),
+                            api_key=os.environ.get("JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+                            token_ids=False)
+    if api == "k25" and name:
+        from k25.eval.provider import K25ModelAPI
+
+        return K25ModelAPI.load_client(name)
+    raise ValueError(f"judge={spec!r}: use 'openai/NAME' or 'k25/PATH'.")
 
 
 def _fmt(x: float) -> str:

@@ -23,6 +23,7 @@ from k25.rl.rewards.code import code_tests, extract_code
 from k25.rl.rewards.geometry import grounding_f1, point_f1, polygon_iou
 from k25.rl.rewards.grm import GRMJudge
 from k25.rl.rewards.parse import final_answer, parse_boxes, parse_number, parse_points, parse_polygon
+from k25.rl.rewards.safety import refusal_match
 
 RuleFn = Callable[..., float]
 
@@ -36,6 +37,7 @@ RULES: dict[str, RuleFn] = {
     "polygon_iou": lambda resp, target, **kw: polygon_iou(parse_polygon(resp), target, **kw),
     "ocr_score": lambda resp, target: ocr_score(final_answer(resp), target),
     "counting_score": lambda resp, target: counting_score(parse_number(resp), target),
+    "refusal_match": lambda resp, target: refusal_match(resp, target),
 }
 GRM = "grm"
 
