@@ -3,7 +3,8 @@
     python -m experiments.serve --checkpoint=PATH [--host 127.0.0.1 --port 8000 --api_key KEY]
 
 PATH is a k25 run directory or an HF checkpoint directory (k25/serve/load.py). Every request goes through
-one continuous-batching sampler (k25/infer); the API is k25/serve/app.py.
+one continuous-batching sampler (k25/infer); the API is k25/serve/app.py. `stream: true` responses carry the
+tokens as the sampler samples them (k25/serve/stream.py).
 """
 
 from __future__ import annotations

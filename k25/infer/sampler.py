@@ -11,6 +11,11 @@ sample benchmark). Shapes are static: one compile per prefill bucket and per dec
 `generate(requests)` drives the engine on the calling thread until its requests finish; `await submit(r)`
 queues r and lets one background task per event loop step the engine on a worker thread, so concurrent
 submits (rollouts, the server) share the continuous batch. Both may run at once; a lock serialises steps.
+`async for x in stream(r)` is submit's one code path with the tokens shown: it yields each sampled `Token`
+(id, logprob, top logprobs) as the step that sampled it ends, then the `Completion`, so a server can send text
+while the sequence is still decoding. Events cross from the worker thread to the caller's event loop with
+`call_soon_threadsafe`; submit skips the per-token events. A stream or submit abandoned by its caller (a
+closed iterator, a cancelled task) cancels its request: the next step frees its slot or drops it from the queue.
 
 Completions carry the prompt ids, the sampled ids (a stop id that ended the sequence is included, since the
 model sampled it and the trainer scores it), the temperature-1 logprob of each sampled token and the finish
@@ -27,7 +32,7 @@ import functools
 import math
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -83,12 +88,23 @@ class Completion:
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # per token, if asked
 
 
+@dataclasses.dataclass(frozen=True)
+class Token:
+    """One sampled token of a streamed request (`Sampler.stream`), as it will appear in the Completion."""
+
+    id: int
+    logprob: float  # log p(id) at temperature 1, as in Completion.logprobs
+    top_logprobs: list[tuple[int, float]]  # the request's top_logprobs alternatives; [] when none were asked
+
+
 @dataclasses.dataclass
 class _Pending:
     request: Request
     prompt: list[int]
-    future: asyncio.Future | None = None
-    loop: asyncio.AbstractEventLoop | None = None
+    loop: asyncio.AbstractEventLoop | None = None  # the caller's loop (submit/stream); None for generate
+    sink: Callable[[Any], None] | None = None  # runs on `loop`: gets Tokens (if `tokens`), then the result/error
+    tokens: bool = False
+    cancelled: bool = False  # set by the caller's side; the engine frees the request at its next step
     result: Completion | None = None
     error: BaseException | None = None
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -271,16 +287,41 @@ class Sampler:
 
     async def submit(self, request: Request) -> Completion:
         """Queue one request on the shared continuous batch and wait for its completion."""
-        prompt = self.validate(request)
+        result = None
+        async for result in self._follow(request, self.validate(request), tokens=False):  # noqa: B007 (the last item)
+            pass
+        return result
+
+    def stream(self, request: Request) -> AsyncIterator[Token | Completion]:
+        """An async iterator over one request: a `Token` per sampled token as it is sampled, then the Completion.
+
+        The request is validated here (a bad request raises before anything is queued) and queued on the shared
+        continuous batch when iteration starts; the tokens and the Completion are exactly submit's. Closing the
+        iterator early (`aclose`, a cancelled consumer) cancels the request and frees its slot at the next step.
+        """
+        return self._follow(request, self.validate(request), tokens=True)
+
+    async def _follow(self, request: Request, prompt: list[int], *, tokens: bool) -> AsyncIterator[Any]:
         loop = asyncio.get_running_loop()
-        pending = _Pending(request, prompt, future=loop.create_future(), loop=loop)
+        events: asyncio.Queue = asyncio.Queue()
+        pending = _Pending(request, prompt, loop=loop, sink=events.put_nowait, tokens=tokens)
         with self._lock:
             self._queue.append(pending)
         worker = self._workers.get(loop)
         if worker is None or worker.done():
             self._workers = {lp: t for lp, t in self._workers.items() if not t.done()}
             self._workers[loop] = loop.create_task(self._drive())
-        return await pending.future
+        try:
+            while True:
+                item = await events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Completion):
+                    return
+        finally:
+            if not pending.done.is_set():
+                pending.cancelled = True
 
     async def _drive(self) -> None:
         loop = asyncio.get_running_loop()
@@ -295,6 +336,7 @@ class Sampler:
     def _step(self) -> bool:
         """Admit what fits, then one decode step for every slot. False when there was nothing to do."""
         with self._lock:
+            self._drop_cancelled()
             if not self._has_work():
                 return False
             try:
@@ -304,6 +346,18 @@ class Sampler:
             except Exception as e:  # a failed device call: fail every request in flight, keep serving
                 self._fail_all(e)
             return True
+
+    def _drop_cancelled(self) -> None:
+        """Free the slots and queue places of requests their callers abandoned."""
+        for i, a in enumerate(self._slots):
+            if a is not None and a.pending.cancelled:
+                self._slots[i] = None
+                a.pending.done.set()
+        if any(p.cancelled for p in self._queue):
+            for p in self._queue:
+                if p.cancelled:
+                    p.done.set()
+            self._queue = deque(p for p in self._queue if not p.cancelled)
 
     def _admit(self) -> None:
         free = [i for i, a in enumerate(self._slots) if a is None]
@@ -355,10 +409,13 @@ class Sampler:
         """Append a sampled token to the slot's completion; finish and free the slot on stop or length."""
         a = self._slots[slot]
         r = a.pending.request
+        top = [(int(i), float(v)) for i, v in zip(top_ids[: r.top_logprobs], top_lps[: r.top_logprobs])]
         a.tokens.append(token)
         a.logprobs.append(logprob)
         if r.top_logprobs:
-            a.top.append([(int(i), float(v)) for i, v in zip(top_ids[: r.top_logprobs], top_lps[: r.top_logprobs])])
+            a.top.append(top)
+        if a.pending.tokens:
+            self._emit(a.pending, Token(token, logprob, top))
         if token in a.stop:
             reason = "stop"
         elif len(a.tokens) >= r.max_new_tokens:
@@ -372,12 +429,17 @@ class Sampler:
     def _deliver(self, pending: _Pending, result: Completion | None, error: BaseException | None = None) -> None:
         pending.result, pending.error = result, error
         pending.done.set()
-        fut = pending.future
-        if fut is not None:
-            def settle():
-                if not fut.done():
-                    fut.set_exception(error) if error is not None else fut.set_result(result)
-            pending.loop.call_soon_threadsafe(settle)
+        self._emit(pending, error if error is not None else result)
+
+    @staticmethod
+    def _emit(pending: _Pending, item: Any) -> None:
+        """Hand `item` to the request's caller on its own event loop (this runs on the stepping thread)."""
+        if pending.sink is None or pending.cancelled:
+            return
+        try:
+            pending.loop.call_soon_threadsafe(pending.sink, item)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+            pending.cancelled = True
 
     def _fail_all(self, error: BaseException) -> None:
         for i, a in enumerate(self._slots):

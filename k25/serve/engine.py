@@ -1,9 +1,11 @@
 """What the server does per request, apart from HTTP: chat prompt -> token ids -> the sampler -> choices.
 
 Every generation is one `await sampler.submit(Request)` on the sampler's continuous batch (n choices are n
-requests). `tool_choice` required or named is enforced by appending the start of a tool call to the
-generation prompt (k25.data.chat.forced_tool_prefix): the model then writes the call (for a named choice,
-only its JSON arguments); `none` keeps the tools declared but stops generation at the tool-call section.
+requests); a streamed one iterates `sampler.stream(Request)` instead and hands each sampled token to the route
+(`on_token`) as it comes, through the same `generate` (so a subclass that records generations sees both).
+`tool_choice` required or named is enforced by appending the start of a tool call to the generation prompt
+(k25.data.chat.forced_tool_prefix): the model then writes the call (for a named choice, only its JSON
+arguments); `none` keeps the tools declared but stops generation at the tool-call section.
 Stop strings cut the text and the token ids at the first match (the sampler stops on ids only).
 """
 
@@ -15,14 +17,14 @@ import binascii
 import dataclasses
 import io
 import random
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from k25.data import chat as chat_fmt
 from k25.data.chat import ChatFormat, ChatFormatError
-from k25.infer import Completion, Request, Sampler
+from k25.infer import Completion, Request, Sampler, Token
 
 
 class BadRequest(ValueError):
@@ -186,14 +188,24 @@ class Engine:
 
     async def generate(self, prompt_ids: list[int], *, n: int, max_tokens: int, temperature: float | None,
                        top_p: float | None, top_k: int | None, seed: int | None, stop_ids: Sequence[int],
-                       stop: Sequence[str], top_logprobs: int, prefix: str = "", media: dict | None = None
-                       ) -> list[Choice]:
+                       stop: Sequence[str], top_logprobs: int, prefix: str = "", media: dict | None = None,
+                       on_token: Callable[[int, Token], None] | None = None) -> list[Choice]:
+        """The n choices. With `on_token`, `on_token(choice_index, token)` is called for every sampled token as
+        the sampler produces it (before the choices exist); the requests are validated before this coroutine
+        first suspends, so a bad request fails its first step."""
         base = random.randrange(1 << 62) if seed is None else int(seed)
         requests = [Request(prompt_ids, max_tokens, temperature=1.0 if temperature is None else temperature,
                             top_p=1.0 if top_p is None else top_p, top_k=top_k or 0, stop_ids=tuple(stop_ids),
                             seed=base + i, top_logprobs=top_logprobs, **(media or {})) for i in range(n)]
         try:
-            completions = await asyncio.gather(*(self.sampler.submit(r) for r in requests))
+            if on_token is None:
+                runs = [self.sampler.submit(r) for r in requests]
+            elif hasattr(self.sampler, "stream"):
+                streams = [self.sampler.stream(r) for r in requests]  # validates every request here
+                runs = [_follow(i, s, on_token) for i, s in enumerate(streams)]
+            else:  # a sampler that only hands back whole completions: its tokens come with the completion
+                runs = [_replay(i, self.sampler.submit(r), on_token) for i, r in enumerate(requests)]
+            completions = await asyncio.gather(*runs)
         except (ValueError, TypeError) as e:  # the sampler's own validation: bad ids, lengths, media
             raise BadRequest(str(e)) from e
         return [self._choice(c, prefix, stop) for c in completions]
@@ -211,3 +223,20 @@ class Engine:
 
     def token_text(self, token_id: int) -> str:
         return self.chat.decode([token_id])
+
+
+async def _follow(index: int, stream: AsyncIterator[Token | Completion],
+                  on_token: Callable[[int, Token], None]) -> Completion:
+    async for item in stream:
+        if isinstance(item, Completion):
+            return item
+        on_token(index, item)
+    raise RuntimeError("the sampler's stream ended without a completion")
+
+
+async def _replay(index: int, completion: Awaitable[Completion], on_token: Callable[[int, Token], None]) -> Completion:
+    c = await completion
+    tops = c.top_logprobs or [[]] * len(c.token_ids)
+    for t, lp, top in zip(c.token_ids, c.logprobs, tops):
+        on_token(index, Token(t, lp, top))
+    return c

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from k25.infer import Completion, Request, Sampler
+from k25.infer import Completion, Request, Sampler, Token
 from k25.infer.sampling import filtered_logits, sample_token
 from k25.model.config import tiny
 from k25.model.decoder import K2Model
@@ -122,6 +122,79 @@ def test_async_submit_shares_the_batch(sampler, mixed):
     for a, b in zip(got, want):
         assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)
+
+
+def test_streamed_tokens_equal_generate_for_concurrent_requests(sampler, mixed):
+    reqs, want = mixed
+    reqs = reqs + [Request([5, 6, 7, 8], max_new_tokens=4, temperature=1.0, top_logprobs=3, seed=9)]
+    want = want + sampler.generate(reqs[-1:])
+
+    async def follow(r):
+        items = [item async for item in sampler.stream(r)]
+        return items[:-1], items[-1]
+
+    async def run():
+        return await asyncio.wait_for(asyncio.gather(*(follow(r) for r in reqs)), timeout=300)
+
+    for (tokens, done), ref in zip(asyncio.run(run()), want):
+        assert all(isinstance(t, Token) for t in tokens) and isinstance(done, Completion)
+        assert [t.id for t in tokens] == done.token_ids == ref.token_ids
+        assert [t.logprob for t in tokens] == done.logprobs
+        np.testing.assert_allclose(done.logprobs, ref.logprobs, atol=1e-6)
+        assert done.finish_reason == ref.finish_reason
+        assert [t.top_logprobs for t in tokens] == (done.top_logprobs or [[]] * len(tokens))
+    assert len(tokens[0].top_logprobs) == 3
+    assert [[i for i, _ in top] for top in done.top_logprobs] == [[i for i, _ in top] for top in ref.top_logprobs]
+    np.testing.assert_allclose([[v for _, v in top] for top in done.top_logprobs],
+                               [[v for _, v in top] for top in ref.top_logprobs], atol=1e-6)
+
+
+def _slot_of(sampler, request):
+    return next((a for a in sampler._slots if a is not None and a.pending.request is request), None)
+
+
+def test_stream_yields_tokens_while_the_request_decodes(sampler):
+    r = Request([2, 7, 1, 8], max_new_tokens=12, temperature=0.0)
+
+    async def run():
+        active, tokens = [], []
+        async for item in sampler.stream(r):
+            if isinstance(item, Token):
+                active.append(_slot_of(sampler, r) is not None)
+                tokens.append(item.id)
+            else:
+                return active, tokens, item
+
+    active, tokens, done = asyncio.run(asyncio.wait_for(run(), timeout=300))
+    assert tokens == done.token_ids and len(tokens) == 12
+    assert active[0] and sum(active) >= 6  # the first tokens arrive while the request still holds its slot
+
+
+def test_abandoned_stream_or_submit_frees_its_slot(sampler):
+    long = Request([3, 1, 4], max_new_tokens=50, temperature=1.0, seed=1)
+
+    async def idle():
+        while sampler._has_work():
+            await asyncio.sleep(0.01)
+
+    async def run():
+        it = sampler.stream(long)
+        assert isinstance(await it.__anext__(), Token)
+        held = _slot_of(sampler, long)
+        await it.aclose()  # a client that went away
+        await asyncio.wait_for(idle(), 60)
+        task = asyncio.ensure_future(sampler.submit(long))
+        while _slot_of(sampler, long) is None:
+            await asyncio.sleep(0.001)
+        submitted = _slot_of(sampler, long)
+        task.cancel()
+        await asyncio.wait_for(idle(), 60)
+        return held, submitted
+
+    held, submitted = asyncio.run(run())
+    assert held is not None and len(held.tokens) < 50 and len(submitted.tokens) < 50
+    assert all(a is None for a in sampler._slots) and not sampler._queue
+    assert len(sampler.generate([long])[0].token_ids) == 50  # still serving
 
 
 def test_bad_requests_name_the_field(sampler):

@@ -1,9 +1,11 @@
 """The OpenAI-compatible server, driven by the official `openai` client.
 
 One server runs a tiny K2 through the real continuous-batching sampler (plain, streamed, forced tool call,
-32 concurrent requests, token ids against the sampler's own, bad input); a second serves a scripted sampler
-that writes fixed completions, so tool-call parsing and tool-call streaming are checked deterministically.
-Both bind 127.0.0.1 on a free port and stop at the end of the module.
+32 concurrent requests, token ids against the sampler's own, bad input, a client gone mid-stream); a second
+serves a scripted sampler that writes fixed completions and streams them token by token, so tool-call parsing,
+tool-call streaming and when chunks reach the client are checked deterministically. Streamed answers are
+compared with the non-streamed answer to the same greedy request, delta by delta summed up. Both servers bind
+127.0.0.1 on a free port and stop at the end of the module.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
+import threading
+import time
 
 import httpx
 import jax.numpy as jnp
@@ -20,7 +25,7 @@ import pytest
 from chat_fixtures import Server, random_model
 
 from k25.data import chat
-from k25.infer import Completion, Request, Sampler
+from k25.infer import Completion, Request, Sampler, Token
 from k25.infer.client import OpenAIClient, SamplerClient
 from k25.model.config import tiny
 from k25.serve.app import create_app
@@ -85,15 +90,100 @@ def test_seeded_sampling_is_deterministic_and_n_choices(client):
     assert ids == [c.model_extra["token_ids"] for c in b.choices] and len(ids) == 3
 
 
-def test_streamed_chat_equals_the_plain_answer(client):
-    kw = dict(model="tiny", messages=HELLO, max_tokens=6, temperature=0,
-              extra_body={"chat_template_kwargs": {"thinking": False}})
-    plain = client.chat.completions.create(**kw).choices[0]
+def collect(chunks) -> dict[int, dict]:
+    """Streamed chat chunks summed up per choice index: reasoning, content, tool calls, logprobs, finish, ids."""
+    out: dict[int, dict] = {}
+    for chunk in chunks:
+        for ch in chunk.choices:
+            o = out.setdefault(ch.index, {"reasoning": "", "content": "", "calls": {}, "logprobs": [], "finish": None,
+                                          "token_ids": None, "text_chunks": 0})
+            d = ch.delta
+            extra = d.model_extra or {}
+            o["reasoning"] += extra.get("reasoning_content") or ""
+            o["content"] += d.content or ""
+            o["text_chunks"] += bool(d.content or extra.get("reasoning_content"))
+            for tc in d.tool_calls or ():
+                call = o["calls"].setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+                call["id"] = tc.id or call["id"]
+                call["name"] += (tc.function.name or "") if tc.function else ""
+                call["arguments"] += (tc.function.arguments or "") if tc.function else ""
+            o["logprobs"] += [(t.token, t.logprob) for t in (ch.logprobs.content or ())] if ch.logprobs else []
+            o["finish"] = ch.finish_reason or o["finish"]
+            o["token_ids"] = (ch.model_extra or {}).get("token_ids", o["token_ids"])
+    return out
+
+
+def assert_stream_equals(streamed: dict, plain) -> None:
+    msg = plain.message
+    assert streamed["reasoning"] == ((msg.model_extra or {}).get("reasoning_content") or "")
+    assert streamed["content"] == (msg.content or "")
+    assert [streamed["calls"][k] for k in sorted(streamed["calls"])] == [
+        {"id": t.id, "name": t.function.name, "arguments": t.function.arguments} for t in msg.tool_calls or ()]
+    assert streamed["finish"] == plain.finish_reason
+    if plain.model_extra.get("token_ids") is not None:
+        assert streamed["token_ids"] == plain.model_extra["token_ids"]
+    if plain.logprobs is not None:
+        assert streamed["logprobs"] == [(t.token, t.logprob) for t in plain.logprobs.content]
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_streamed_chat_equals_the_plain_answer(client, thinking):
+    kw = dict(model="tiny", messages=HELLO, max_tokens=24, temperature=0, n=2, logprobs=True, top_logprobs=2,
+              extra_body={"chat_template_kwargs": {"thinking": thinking}, "return_token_ids": True})
+    plain = client.chat.completions.create(**kw)
     chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == (plain.message.content or "")
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == plain.finish_reason
-    assert chunks[-1].usage.completion_tokens >= 1
+    streamed = collect(chunks)
+    assert sorted(streamed) == [0, 1]
+    for i, choice in enumerate(plain.choices):
+        assert_stream_equals(streamed[i], choice)
+        assert streamed[i]["text_chunks"] > 1  # sent as it was sampled, not in one piece at the end
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_streamed_forced_tool_call_equals_the_plain_answer(client):
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Oslo?"}], tools=[WEATHER], max_tokens=12,
+              temperature=0, tool_choice="required", extra_body={"return_token_ids": True})
+    plain = client.chat.completions.create(**kw).choices[0]
+    assert_stream_equals(collect(client.chat.completions.create(stream=True, **kw))[0], plain)
+
+
+def test_streamed_completions_equal_the_plain_answer(client):
+    kw = dict(model="tiny", prompt=["Hello", "Hi"], max_tokens=12, temperature=0, n=2, logprobs=2,
+              extra_body={"return_token_ids": True})
+    plain = client.completions.create(**kw)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    for c in plain.choices:
+        mine = [ch for chunk in chunks for ch in chunk.choices if ch.index == c.index]
+        assert "".join(ch.text for ch in mine) == c.text and mine[-1].finish_reason == c.finish_reason
+        assert sum(bool(ch.text) for ch in mine) > 1
+        assert mine[-1].model_extra["token_ids"] == c.model_extra["token_ids"]
+        assert mine[-1].model_extra["prompt_token_ids"] == c.model_extra["prompt_token_ids"]
+        assert [lp for ch in mine if ch.logprobs for lp in ch.logprobs.token_logprobs] == c.logprobs.token_logprobs
+        assert [t for ch in mine if ch.logprobs for t in ch.logprobs.top_logprobs] == c.logprobs.top_logprobs
+    assert len(plain.choices) == 4 and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def read_until(resp: httpx.Response, words: str, limit: int = 200) -> None:
+    for k, line in enumerate(resp.iter_lines()):
+        assert k < limit and line != "data: [DONE]", "the stream ended before the awaited chunk"
+        if words in line:
+            return
+
+
+def test_client_gone_mid_stream_frees_the_sampler(server, client, sampler):
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": 200, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=60) as h:
+        with h.stream("POST", server.url + "/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}) as resp:
+            assert resp.status_code == 200
+            read_until(resp, '"reasoning_content"')
+            (active,) = [a for a in sampler._slots if a is not None and a.pending.request.max_new_tokens == 200]
+    deadline = time.monotonic() + 60
+    while sampler._has_work():
+        assert time.monotonic() < deadline, "the abandoned request still holds the sampler"
+        time.sleep(0.01)
+    assert len(active.tokens) < 200  # cancelled, not run to its max_tokens
+    assert client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2).choices  # still serving
 
 
 def test_thinking_flag_and_forced_named_tool_call_reach_the_prompt(client, fmt):
@@ -196,6 +286,10 @@ def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(server, clien
                                         "chat_template_kwargs": {"thinking": "yes"}}), 400, "thinking"),
             (post("/completions", {"model": "tiny", "prompt": [1, 2, 99999]}), 400, "vocabulary"),
             (post("/completions", {"model": "tiny", "prompt": []}), 400, "prompt"),
+            (post("/completions", {"model": "tiny", "prompt": [1, 2, 99999], "stream": True}), 400, "vocabulary"),
+            (post("/completions", {"model": "tiny", "prompt": [[1, 2], [99999]], "stream": True}), 400, "vocabulary"),
+            (post("/chat/completions", {"model": "tiny", "messages": HELLO, "max_tokens": MAX_LEN, "stream": True}),
+             400, str(MAX_LEN)),
             (post("/nothing", {}), 404, "Not Found"),
         ]
         for resp, status, words in cases:
@@ -219,6 +313,7 @@ class ScriptedSampler:
 
     def __init__(self, fmt: chat.ChatFormat):
         self.fmt, self.vocab_size, self.seen = fmt, fmt.tokenizer.vocab_size, []
+        self.gate, self.gate_opened, self.abandoned = None, None, 0
 
     async def submit(self, r: Request) -> Completion:
         prompt = self.fmt.decode(r.prompt_ids)
@@ -236,7 +331,31 @@ class ScriptedSampler:
         stop = [k for k, t in enumerate(ids) if t in set(r.stop_ids)]
         ids = ids[: stop[0] + 1] if stop else ids[: r.max_new_tokens]
         reason = "stop" if stop else "length"
-        return Completion(list(r.prompt_ids), ids, [-0.5] * len(ids), reason)
+        return Completion(list(r.prompt_ids), ids, [-0.5 - 0.01 * k for k in range(len(ids))], reason)
+
+    def stream(self, r: Request):
+        """submit's completion token by token; with `gate` set, the last token waits (up to 20 s) for the test to
+        open the gate, and `gate_opened` says whether it did. `abandoned` counts streams closed before the end."""
+        gate = self.gate
+
+        async def run():
+            c, finished = await self.submit(r), False
+            try:
+                for k, (t, lp) in enumerate(zip(c.token_ids, c.logprobs)):
+                    if gate is not None and k == len(c.token_ids) - 1:
+                        deadline = time.monotonic() + 20
+                        while not gate.is_set() and time.monotonic() < deadline:
+                            await asyncio.sleep(0.01)
+                        self.gate_opened = gate.is_set()
+                    if k == 2 and "explode" in self.fmt.decode(r.prompt_ids):
+                        raise RuntimeError("device lost")
+                    yield Token(t, lp, [])
+                finished = True
+                yield c
+            finally:
+                self.abandoned += not finished
+
+        return run()
 
 
 @pytest.fixture(scope="module")
@@ -262,22 +381,83 @@ def test_parallel_tool_calls_keep_the_model_ids(scripted):
 def test_streamed_tool_call_deltas_accumulate_to_the_calls(scripted):
     _, c = scripted
     msgs = [{"role": "user", "content": "weather in Paris and Rome?"}]
-    calls: dict[int, dict] = {}
-    finish, content, reasoning = None, "", ""
-    for chunk in c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER], stream=True):
-        d = chunk.choices[0].delta
-        content += d.content or ""
-        reasoning += (d.model_extra or {}).get("reasoning_content") or ""
-        for tc in d.tool_calls or ():
-            slot = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
-            slot["id"] = tc.id or slot["id"]
-            slot["name"] += (tc.function.name or "") if tc.function else ""
-            slot["arguments"] += (tc.function.arguments or "") if tc.function else ""
-        finish = chunk.choices[0].finish_reason or finish
-    assert finish == "tool_calls" and content == "Checking." and reasoning == "two cities"
-    assert [calls[k] for k in sorted(calls)] == [
+    kw = dict(model="scripted", messages=msgs, tools=[WEATHER], n=2, logprobs=True,
+              extra_body={"return_token_ids": True})
+    plain = c.chat.completions.create(**kw)
+    chunks = list(c.chat.completions.create(stream=True, **kw))
+    streamed = collect(chunks)
+    for i, choice in enumerate(plain.choices):
+        assert_stream_equals(streamed[i], choice)
+    s0 = streamed[0]
+    assert s0["finish"] == "tool_calls" and s0["content"] == "Checking." and s0["reasoning"] == "two cities"
+    assert [s0["calls"][k] for k in sorted(s0["calls"])] == [
         {"id": "functions.get_weather:0", "name": "get_weather", "arguments": '{"city": "Paris"}'},
         {"id": "functions.get_weather:1", "name": "get_weather", "arguments": '{"city": "Rome"}'}]
+    assert s0["text_chunks"] > 2
+    # the first call is sent when the second begins, before the section (and the completion) ends
+    deltas = [ch.delta for chunk in chunks for ch in chunk.choices if ch.index == 0]
+    first = next(k for k, d in enumerate(deltas) if d.tool_calls)
+    assert deltas[first].tool_calls[0].id == "functions.get_weather:0" and deltas[first + 1].tool_calls[0].index == 0
+    assert [d.tool_calls[0].index for d in deltas if d.tool_calls] == [0, 0, 1, 1]
+
+
+def test_streamed_forced_and_suppressed_tool_calls_equal_the_plain_answer(scripted):
+    _, c = scripted
+    msgs = [{"role": "user", "content": "weather?"}]
+    for choice in [{"type": "function", "function": {"name": "get_weather"}}, "none", "auto"]:
+        kw = dict(model="scripted", messages=msgs, tools=[WEATHER], tool_choice=choice)
+        plain = c.chat.completions.create(**kw).choices[0]
+        assert_stream_equals(collect(c.chat.completions.create(stream=True, **kw))[0], plain)
+    kw = dict(model="scripted", messages=HELLO, stop=["there"])  # a stop string cuts the streamed text too
+    plain = c.chat.completions.create(**kw).choices[0]
+    assert plain.message.content == "Hello "
+    assert_stream_equals(collect(c.chat.completions.create(stream=True, **kw))[0], plain)
+
+
+def test_chunks_reach_the_client_before_the_completion_exists(scripted):
+    s, c = scripted
+    s.gate, s.gate_opened = threading.Event(), None
+    content = ""
+    try:
+        for chunk in c.chat.completions.create(model="scripted", messages=HELLO, stream=True):
+            content += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+            if content:
+                s.gate.set()  # the sampler holds the last token back until the client has seen content
+    finally:
+        s.gate = None
+    assert s.gate_opened and content == "Hello there!"
+
+
+def test_failure_mid_stream_is_an_error_event(scripted):
+    _, c = scripted
+    with httpx.Client(timeout=30) as h:
+        resp = h.post(str(c.base_url) + "chat/completions", json={
+            "model": "scripted", "messages": [{"role": "user", "content": "explode"}], "stream": True})
+    events = [line[len("data: "):] for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert resp.status_code == 200 and events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert "device lost" in error["message"] and error["type"] == "server_error"
+    with pytest.raises(openai.APIError, match="device lost"):  # the official client raises it
+        list(c.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "explode"}],
+                                       stream=True))
+    assert c.chat.completions.create(model="scripted", messages=HELLO).choices[0].message.content == "Hello there!"
+
+
+def test_client_gone_mid_stream_cancels_the_generation(scripted):
+    s, c = scripted
+    s.gate, before = threading.Event(), s.abandoned  # never opened: the generation waits for the client
+    try:
+        with httpx.Client(timeout=30) as h:
+            with h.stream("POST", str(c.base_url) + "chat/completions",
+                          json={"model": "scripted", "messages": HELLO, "stream": True}) as resp:
+                read_until(resp, json.dumps({"content": "H"})[1:-1])
+        deadline = time.monotonic() + 10
+        while s.abandoned == before:
+            assert time.monotonic() < deadline, "the server did not cancel the abandoned stream"
+            time.sleep(0.01)
+    finally:
+        s.gate = None
+    assert c.chat.completions.create(model="scripted", messages=HELLO).choices[0].message.content == "Hello there!"
 
 
 def test_tool_choice_required_named_and_none(scripted):
