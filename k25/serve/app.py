@@ -107,7 +107,8 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
         max_tokens = engine.check_length(len(prompt.ids), req.max_completion_tokens or req.max_tokens)
         top = (req.top_logprobs or 0) if req.logprobs else 0
         job = dict(n=req.n, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                   seed=req.seed, stop_ids=prompt.stop_ids, stop=req.stop_strings(), top_logprobs=top,
+                   seed=req.seed, stop_ids=(*prompt.stop_ids, *(req.stop_token_ids or ())), stop=req.stop_strings(),
+                   top_logprobs=top,
                    prefix=prompt.prefix, media=prompt.media)
         rid, now = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         if req.stream:
@@ -148,8 +149,8 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
             if not ids:
                 raise BadRequest("a prompt encodes to no tokens", param="prompt")
             jobs.append((ids, engine.check_length(len(ids), req.max_tokens or 16)))
-        kw = dict(n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop_ids=(),
-                  stop=req.stop_strings(), top_logprobs=req.logprobs or 0)
+        kw = dict(n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
+                  stop_ids=tuple(req.stop_token_ids or ()), stop=req.stop_strings(), top_logprobs=req.logprobs or 0)
         if req.stream:
             events: asyncio.Queue = asyncio.Queue()
 

@@ -1,12 +1,13 @@
 """Request bodies of the OpenAI-compatible routes, as pydantic models (FastAPI validates them).
 
-Fields follow the OpenAI API; `return_token_ids`, `chat_template_kwargs` and `top_k` are the vLLM extensions
-RL users rely on. Unknown fields are ignored, as OpenAI-compatible servers do, so any client can talk to it.
+Fields follow the OpenAI API; `return_token_ids`, `stop_token_ids`, `chat_template_kwargs` and `top_k` are the
+vLLM extensions RL users rely on (k25.rl.rollout.EndpointPolicy sends `stop_token_ids`). Unknown fields are
+ignored, as OpenAI-compatible servers do, so any client can talk to it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +21,7 @@ class _Sampling(BaseModel):
     top_k: int | None = Field(default=None, ge=0)
     max_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None  # generation also ends on these ids
     seed: int | None = None
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False

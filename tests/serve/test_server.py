@@ -234,6 +234,27 @@ def test_completions_take_token_ids_and_text(client, sampler):
     assert streamed[-1].choices[0].finish_reason == text.choices[0].finish_reason
 
 
+def test_stop_token_ids_end_generation(client, sampler):
+    """vLLM's `stop_token_ids` (what k25.rl.rollout.EndpointPolicy sends): generation ends at the first of them,
+    which is included in `token_ids`, with finish_reason "stop"; the same for chat."""
+    ids = [72, 101, 108, 108, 111]
+    (ref,) = sampler.generate([Request(ids, 8, temperature=0.0)])
+    k = next(i for i in range(1, len(ref.token_ids)) if ref.token_ids[i] not in ref.token_ids[:i])
+    resp = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0,
+                                     extra_body={"return_token_ids": True, "stop_token_ids": [ref.token_ids[k]]})
+    assert resp.choices[0].model_extra["token_ids"] == ref.token_ids[: k + 1]
+    assert resp.choices[0].finish_reason == "stop"
+    plain = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, temperature=0,
+                                           extra_body={"return_token_ids": True})
+    got = plain.choices[0].model_extra["token_ids"]
+    assert plain.choices[0].finish_reason == "length"
+    j = next(i for i in range(1, len(got)) if got[i] not in got[:i])
+    cut = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, temperature=0,
+                                         extra_body={"return_token_ids": True, "stop_token_ids": [got[j]]})
+    assert cut.choices[0].model_extra["token_ids"] == got[: j + 1]
+    assert cut.choices[0].finish_reason == "stop"
+
+
 def test_openai_client_gets_token_ids_back(server):
     c = OpenAIClient("tiny", base_url=server.url, api_key=KEY)
     res = asyncio.run(c.chat(HELLO, max_tokens=4, temperature=0))
@@ -286,6 +307,8 @@ def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(server, clien
                                         "chat_template_kwargs": {"thinking": "yes"}}), 400, "thinking"),
             (post("/completions", {"model": "tiny", "prompt": [1, 2, 99999]}), 400, "vocabulary"),
             (post("/completions", {"model": "tiny", "prompt": []}), 400, "prompt"),
+            (post("/completions", {"model": "tiny", "prompt": [1, 2], "stop_token_ids": [-1]}), 422,
+             "stop_token_ids"),
             (post("/completions", {"model": "tiny", "prompt": [1, 2, 99999], "stream": True}), 400, "vocabulary"),
             (post("/completions", {"model": "tiny", "prompt": [[1, 2], [99999]], "stream": True}), 400, "vocabulary"),
             (post("/chat/completions", {"model": "tiny", "messages": HELLO, "max_tokens": MAX_LEN, "stream": True}),
