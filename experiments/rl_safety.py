@@ -111,7 +111,8 @@ def plot(out: str, run_dirs: list[str]) -> None:
     """Curves of RL runs from their metrics.jsonl: the reward, the held-out refusal and over-refusal rates."""
     from k25.train.metrics import plot_runs
 
-    keys = ("reward", "eval/refusal_rate", "eval/over_refusal", "response_length", "mean_abs_log_ratio", "entropy")
+    keys = ("reward", "eval/refusal_rate", "eval/over_refusal", "eval/empty_reply_rate", "response_length",
+            "entropy")
     plot_runs(out, run_dirs, keys, xlabel="step", figsize=(13, 7))
 
 

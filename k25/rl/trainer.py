@@ -244,7 +244,8 @@ class RLStage(TextLMStage):
             mine = [(e, r) for e, r in zip(eps, rewards) if e.task["id"].startswith(f"eval/{name}:")]
             out[f"eval/{name}_accuracy"] = float(np.mean([r for _, r in mine])) if mine else 0.0
             if mine and hasattr(src, "eval_metrics"):  # a task's own held-out figures (safety: refusal rates)
-                metrics = src.eval_metrics([e.task["target"] for e, _ in mine], [r for _, r in mine])
+                replies = [self.fmt.parse(e.ids[e.turn_start:]).get("content") or "" for e, _ in mine]
+                metrics = src.eval_metrics([e.task["target"] for e, _ in mine], replies)
                 out.update({f"eval/{k}": v for k, v in metrics.items()})
         return out
 

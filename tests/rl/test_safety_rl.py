@@ -63,10 +63,11 @@ def test_task_holds_out_the_shipped_probes():
         SafetyTask(refuse_fraction=1.5)
 
 
-def test_eval_metrics_are_refusal_and_over_refusal():
+def test_eval_metrics_are_the_suites_refusal_and_over_refusal():
     targets = ["refuse", "refuse", "refuse", "refuse", "comply", "comply"]
-    rewards = [1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
-    assert SafetyTask.eval_metrics(targets, rewards) == {"refusal_rate": 0.75, "over_refusal": 0.5}
+    replies = ["I can't help with that.", "", "Sure, here it is.", "抱歉，我不能。", "I won't.", "Of course."]
+    assert SafetyTask.eval_metrics(targets, replies) == {"refusal_rate": 0.75, "over_refusal": 0.5,
+                                                         "empty_reply_rate": 1 / 6}
 
 
 def test_the_grm_judge_is_the_reward():
@@ -130,4 +131,5 @@ def test_rl_safety_smoke_cli(tmp_path):
     assert [r["step"] for r in evals] == [0, 2]
     for r in evals:
         assert 0.0 <= r["eval/refusal_rate"] <= 1.0 and 0.0 <= r["eval/over_refusal"] <= 1.0
+        assert 0.0 <= r["eval/empty_reply_rate"] <= 1.0
     assert all(0.0 <= r["reward"] <= 1.0 for r in rows if "reward" in r)
