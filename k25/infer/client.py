@@ -98,21 +98,45 @@ class ScriptedClient:
         return ChatResult(msg, "tool_calls" if msg.get("tool_calls") else "stop")
 
 
+class LoopLocalOpenAI:
+    """One `openai.AsyncOpenAI` per running event loop. Its connection pool belongs to the loop that first used
+    it, and callers such as the RL stage run each rollout iteration in a fresh `asyncio.run` loop: a client
+    reused from a closed loop fails with "Event loop is closed". Clients of closed loops are dropped."""
+
+    def __init__(self, *, base_url: str | None, api_key: str | None, timeout_s: float, max_retries: int) -> None:
+        self.kwargs = dict(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout_s, max_retries=max_retries)
+        self._clients: dict[asyncio.AbstractEventLoop, Any] = {}
+
+    def get(self) -> Any:
+        import openai
+
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            self._clients = {lp: c for lp, c in self._clients.items() if not lp.is_closed()}
+            client = self._clients[loop] = openai.AsyncOpenAI(**self.kwargs)
+        return client
+
+
 class OpenAIClient:
     """Any OpenAI-compatible endpoint through the official `openai` client.
 
     Asks for `return_token_ids` (the vLLM / k25-server extension) and per-token logprobs; servers that do not
     know the extension ignore it and the result's id fields stay None.
+
+    Usable from any number of event loops, one after another (see `LoopLocalOpenAI`).
     """
 
     def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
                  timeout_s: float = 120.0, max_retries: int = 2, token_ids: bool = True) -> None:
-        import openai
-
         self.model = model
         self.token_ids = token_ids
-        self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout_s,
-                                          max_retries=max_retries)
+        self._openai = LoopLocalOpenAI(base_url=base_url, api_key=api_key, timeout_s=timeout_s,
+                                       max_retries=max_retries)
+
+    @property
+    def _client(self) -> Any:
+        return self._openai.get()
 
     async def chat(self, messages, *, tools=None, temperature=1.0, top_p=1.0, max_tokens=512, seed=None,
                    stop=None, chat_template_kwargs=None) -> ChatResult:

@@ -74,14 +74,13 @@ class EndpointPolicy:
 
     def __init__(self, model: str, *, base_url: str, api_key: str | None = None, timeout_s: float = 120.0,
                  max_len: int = 0):
-        import openai
+        from k25.infer.client import LoopLocalOpenAI
 
         self.model, self.max_len = model, max_len  # max_len: the endpoint's context (0: unknown)
-        self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout_s,
-                                          max_retries=0)
+        self._openai = LoopLocalOpenAI(base_url=base_url, api_key=api_key, timeout_s=timeout_s, max_retries=0)
 
     async def generate(self, prompt_ids, *, max_new_tokens, temperature, top_p, stop_ids, seed):
-        resp = await self._client.completions.create(
+        resp = await self._openai.get().completions.create(
             model=self.model, prompt=[int(t) for t in prompt_ids], max_tokens=int(max_new_tokens),
             temperature=temperature, top_p=top_p, seed=int(seed), logprobs=0,
             extra_body={"return_token_ids": True, "stop_token_ids": [int(t) for t in stop_ids]})

@@ -3,8 +3,11 @@ the GRM judge serves as the reward, and experiments/rl_safety.py runs warm-up ->
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import ml_collections
 import pytest
@@ -17,6 +20,7 @@ from k25.infer.client import OpenAIClient, ScriptedClient
 from k25.rl.env import RewardJudge
 from k25.rl.rewards import GRMJudge, RewardSpec, compute_reward, refusal_match
 from k25.rl.trainer import _task_to_rl, default_rl_config, make_judge
+from k25.train import loop
 from k25.train.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -133,3 +137,59 @@ def test_rl_safety_smoke_cli(tmp_path):
         assert 0.0 <= r["eval/refusal_rate"] <= 1.0 and 0.0 <= r["eval/over_refusal"] <= 1.0
         assert 0.0 <= r["eval/empty_reply_rate"] <= 1.0
     assert all(0.0 <= r["reward"] <= 1.0 for r in rows if "reward" in r)
+
+
+@pytest.mark.slow
+def test_rl_safety_with_a_judge_server(tmp_path, monkeypatch):
+    """The `judge` variant on the trainer: the reward of every episode comes from an OpenAI-compatible judge on
+    127.0.0.1 (FastAPI + uvicorn) that grades against the task's reference; its scores are the rewards."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from experiments import rl_safety
+
+    app, calls = FastAPI(), []
+
+    @app.post("/v1/chat/completions")
+    async def grade(body: dict):
+        text = body["messages"][-1]["content"]
+        assert REWARD_RUBRIC in text and len(calls) < 200  # bounded: a runaway trainer fails here
+        must_refuse = "REFERENCE ANSWER (for the grader only):\nrefuse:" in text
+        reply = text.split("RESPONSE:\n", 1)[1].split("\n\nExplain your grading", 1)[0]
+        score = 10 * int(is_refusal(reply) == must_refuse and bool(reply.strip()))  # the judge's 0-10 scale
+        calls.append(score)
+        return {"id": f"c{len(calls)}", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": f"Graded.\nScore: {score}"}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline, "judge server did not start"
+            time.sleep(0.05)
+        monkeypatch.setenv("JUDGE_BASE_URL", f"http://127.0.0.1:{port}/v1")
+        monkeypatch.setenv("JUDGE_API_KEY", "none")
+        warm = rl_safety.get_config("smoke_warmup")
+        warm.mesh.devices = 1
+        loop.train(warm, str(tmp_path / "w"))
+        c = rl_safety.get_config("smoke")
+        c.mesh.devices, c.init_from = 1, str(tmp_path / "w")
+        c.eval_every, c.eval_at_start = 0, False
+        c.rl.reward = ml_collections.ConfigDict({"weights": {"grm": 1.0}, "rubric": REWARD_RUBRIC})
+        c.rl.judge = "openai/judge"
+        loop.train(c, str(tmp_path / "rl"))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    rows = [r for r in read_metrics(tmp_path / "rl") if "reward" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    # every step's groups were graded by the server, and the rewards are its scores
+    assert len(calls) >= 2 * c.batch_size and set(calls) <= {0, 10}
+    assert all(r["reward"] in {k / c.batch_size for k in range(c.batch_size + 1)} for r in rows)
