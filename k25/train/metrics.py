@@ -51,19 +51,20 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 def plot_runs(out: str, run_dirs: list[str], keys: tuple[str, ...], *, xlabel: str = "step",
               figsize: tuple[float, float] = (13, 7)) -> None:
-    """One panel per metric key (2 x ceil(n/2)), one line per run directory, from each run's metrics.jsonl."""
+    """One panel per metric key (2 x ceil(n/2)), one line per run directory, from each run's metrics.jsonl; a
+    run keeps its colour in every panel, also where another run lacks the key."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, (len(keys) + 1) // 2, figsize=figsize)
-    for d in run_dirs:
+    for i, d in enumerate(run_dirs):
         rows = read_metrics(d)
         for ax, k in zip(axes.flat, keys):
             pts = [(r["step"], r[k]) for r in rows if k in r]
             if pts:
-                ax.plot(*zip(*pts), marker=".", label=os.path.basename(os.path.normpath(d)))
+                ax.plot(*zip(*pts), marker=".", color=f"C{i % 10}", label=os.path.basename(os.path.normpath(d)))
     for ax, k in zip(axes.flat, keys):
         ax.set_title(k)
         ax.set_xlabel(xlabel)
