@@ -3,14 +3,12 @@ the GRM judge serves as the reward, and experiments/rl_safety.py runs warm-up ->
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
-import threading
-import time
 
 import ml_collections
 import pytest
+from chat_fixtures import Server
 
 from k25.data.synthetic import make_task
 from k25.data.synthetic.safety import COMPLIANCES, REFUSALS, REWARD_RUBRIC, SafetyTask
@@ -143,7 +141,6 @@ def test_rl_safety_smoke_cli(tmp_path):
 def test_rl_safety_with_a_judge_server(tmp_path, monkeypatch):
     """The `judge` variant on the trainer: the reward of every episode comes from an OpenAI-compatible judge on
     127.0.0.1 (FastAPI + uvicorn) that grades against the task's reference; its scores are the rewards."""
-    import uvicorn
     from fastapi import FastAPI
 
     from experiments import rl_safety
@@ -163,18 +160,9 @@ def test_rl_safety_with_a_judge_server(tmp_path, monkeypatch):
                              "message": {"role": "assistant", "content": f"Graded.\nScore: {score}"}}],
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    server = Server(app)
     try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert time.monotonic() < deadline, "judge server did not start"
-            time.sleep(0.05)
-        monkeypatch.setenv("JUDGE_BASE_URL", f"http://127.0.0.1:{port}/v1")
+        monkeypatch.setenv("JUDGE_BASE_URL", server.url)
         monkeypatch.setenv("JUDGE_API_KEY", "none")
         warm = rl_safety.get_config("smoke_warmup")
         warm.mesh.devices = 1
@@ -186,8 +174,7 @@ def test_rl_safety_with_a_judge_server(tmp_path, monkeypatch):
         c.rl.judge = "openai/judge"
         loop.train(c, str(tmp_path / "rl"))
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        server.stop()
     rows = [r for r in read_metrics(tmp_path / "rl") if "reward" in r]
     assert [r["step"] for r in rows] == [1, 2]
     # every step's groups were graded by the server, and the rewards are its scores
