@@ -314,7 +314,7 @@ class RLIterator:
         B, T = st.config.batch_size, st.config.seq_len
         out = {k: np.zeros((B,), np.float32) if k == "n_total" else
                np.zeros((B, T), np.float32 if k in ("old_logp", "advantages") else np.int32) for k in BATCH_KEYS}
-        rewards, raw, lengths, calls, stale = [], [], [], [], []
+        rewards, raw, lengths, calls, stale, judge_failed = [], [], [], [], [], []
         row = 0
         for g in groups:
             r = [e.reward for e in g]
@@ -345,11 +345,13 @@ class RLIterator:
             raw += r
             lengths += n
             calls += [e.tool_calls for e in g]
+            judge_failed += [float(bool(e.info.get("judge_failed"))) for e in g]
         out["n_total"][:] = out["loss_mask"].sum()
         self._add("reward", raw)
         self._add("reward_shaped", rewards)
         self._add("response_length", lengths)
         self._add("tool_call_rate", [float(c > 0) for c in calls])
+        self._add("judge_failed_rate", judge_failed)  # the judge's fallback stood in (rl.judge_fallback >= 0)
         self._add("tool_calls_per_episode", calls)
         self._add("staleness", stale)
         self._add("batch_fill", [row / B])

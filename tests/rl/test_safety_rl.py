@@ -180,3 +180,4 @@ def test_rl_safety_with_a_judge_server(tmp_path, monkeypatch):
     # every step's groups were graded by the server, and the rewards are its scores
     assert len(calls) >= 2 * c.batch_size and set(calls) <= {0, 10}
     assert all(r["reward"] in {k / c.batch_size for k in range(c.batch_size + 1)} for r in rows)
+    assert all(r["judge_failed_rate"] == 0.0 for r in rows)
