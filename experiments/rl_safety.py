@@ -25,8 +25,6 @@ ARG:
 
 from __future__ import annotations
 
-import sys
-
 import ml_collections
 
 from experiments.common import base_config, model_config_dict
@@ -117,7 +115,6 @@ def plot(out: str, run_dirs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 4 and sys.argv[1] == "plot":
-        plot(sys.argv[2], sys.argv[3:])
-    else:
-        sys.exit("usage: python -m experiments.rl_safety plot OUT.png RUN_DIR [RUN_DIR ...]")
+    from k25.train.metrics import plot_cli
+
+    plot_cli("experiments.rl_safety", plot)

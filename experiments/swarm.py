@@ -24,8 +24,6 @@ Every run logs `eval/item_f1`, `eval/row_f1`, `eval/critical_steps` (mean per ep
 
 from __future__ import annotations
 
-import sys
-
 import ml_collections
 
 from experiments.common import base_config, model_config_dict
@@ -127,7 +125,6 @@ def plot(out: str, run_dirs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 4 and sys.argv[1] == "plot":
-        plot(sys.argv[2], sys.argv[3:])
-    else:
-        sys.exit("usage: python -m experiments.swarm plot OUT.png RUN_DIR [RUN_DIR ...]")
+    from k25.train.metrics import plot_cli
+
+    plot_cli("experiments.swarm", plot)

@@ -108,8 +108,7 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
         top = (req.top_logprobs or 0) if req.logprobs else 0
         job = dict(n=req.n, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                    seed=req.seed, stop_ids=(*prompt.stop_ids, *(req.stop_token_ids or ())), stop=req.stop_strings(),
-                   top_logprobs=top,
-                   prefix=prompt.prefix, media=prompt.media)
+                   top_logprobs=top, prefix=prompt.prefix, media=prompt.media)
         rid, now = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         if req.stream:
             events: asyncio.Queue = asyncio.Queue()

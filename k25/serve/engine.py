@@ -17,7 +17,7 @@ import binascii
 import dataclasses
 import io
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -200,11 +200,9 @@ class Engine:
         try:
             if on_token is None:
                 runs = [self.sampler.submit(r) for r in requests]
-            elif hasattr(self.sampler, "stream"):
+            else:
                 streams = [self.sampler.stream(r) for r in requests]  # validates every request here
                 runs = [_follow(i, s, on_token) for i, s in enumerate(streams)]
-            else:  # a sampler that only hands back whole completions: its tokens come with the completion
-                runs = [_replay(i, self.sampler.submit(r), on_token) for i, r in enumerate(requests)]
             completions = await asyncio.gather(*runs)
         except (ValueError, TypeError) as e:  # the sampler's own validation: bad ids, lengths, media
             raise BadRequest(str(e)) from e
@@ -233,10 +231,3 @@ async def _follow(index: int, stream: AsyncIterator[Token | Completion],
         on_token(index, item)
     raise RuntimeError("the sampler's stream ended without a completion")
 
-
-async def _replay(index: int, completion: Awaitable[Completion], on_token: Callable[[int, Token], None]) -> Completion:
-    c = await completion
-    tops = c.top_logprobs or [[]] * len(c.token_ids)
-    for t, lp, top in zip(c.token_ids, c.logprobs, tops):
-        on_token(index, Token(t, lp, top))
-    return c

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -73,3 +75,12 @@ def plot_runs(out: str, run_dirs: list[str], keys: tuple[str, ...], *, xlabel: s
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def plot_cli(prog: str, plot: Callable[[str, list[str]], None], argv: list[str] | None = None) -> None:
+    """The `python -m PROG plot OUT.png RUN_DIR...` entry point of an experiment config that draws its runs."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) >= 3 and argv[0] == "plot":
+        plot(argv[1], argv[2:])
+    else:
+        sys.exit(f"usage: python -m {prog} plot OUT.png RUN_DIR [RUN_DIR ...]")

@@ -118,13 +118,13 @@ def _reference(target: str, category: str) -> str:
 
 
 class SafetyTask(TextTask):
-    """See the module docstring. `harmful_fraction`: the share of train prompts to refuse."""
+    """See the module docstring. `harmful_fraction`: the share of train prompts to refuse. There is no
+    `eval_fraction`: the eval split is the shipped probes, not a share of the templates."""
 
     name: ClassVar[str] = "safety"
 
-    def __init__(self, seed: int = 0, eval_fraction: float = 0.0, refuse_fraction: float = 0.5,
-                 harmful_fraction: float = 0.5) -> None:
-        super().__init__(seed, eval_fraction)
+    def __init__(self, seed: int = 0, refuse_fraction: float = 0.5, harmful_fraction: float = 0.5) -> None:
+        super().__init__(seed, eval_fraction=0.0)
         for field, v in (("refuse_fraction", refuse_fraction), ("harmful_fraction", harmful_fraction)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"safety: {field}={v} must be in [0, 1]")
