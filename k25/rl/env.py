@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from k25.data.chat import ChatFormat
+from k25.data.sft.records import image_part
+from k25.rl.media import MediaStore, message_images
 from k25.rl.rewards import GRMJudge, RewardResult, RewardSpec, compute_reward
 from k25.tools.base import ToolResult, Toolset
 
@@ -68,20 +70,27 @@ class ChatTurns:
     """The Kimi chat format. `observation_ids(tool_messages)` renders those messages and the next generation
     header on their own; since the format renders message by message, prompt + actions + observations equal
     `chat.encode(whole conversation)` whenever the sampled ids are the tokenizer's own encoding of their text
-    (checked in tests/rl/test_env.py)."""
+    (checked in tests/rl/test_env.py). With `media` (a k25.rl.media.MediaStore) image parts render as their
+    merged vision tokens' placeholders, for a K2.5 policy."""
 
-    def __init__(self, chat: ChatFormat, *, thinking: bool = False):
-        self.chat, self.thinking = chat, thinking
+    def __init__(self, chat: ChatFormat, *, thinking: bool = False, media: MediaStore | None = None):
+        self.chat, self.thinking, self.media = chat, thinking, media
         self.stop_ids = tuple(chat.stop_ids)
 
+    def _encode(self, messages, tools) -> list[int]:
+        urls = message_images(messages) if self.media is not None else []
+        tokens = [self.media.tokens(u) for u in urls] if urls else None
+        return self.chat.encode(messages, tools, add_generation_prompt=True, thinking=self.thinking,
+                                image_tokens=tokens).ids
+
     def prompt_ids(self, messages, tools):
-        return self.chat.encode(messages, tools, add_generation_prompt=True, thinking=self.thinking).ids
+        return self._encode(messages, tools)
 
     def parse(self, ids):
         return self.chat.parse(ids, thinking=self.thinking)
 
     def observation_ids(self, messages):
-        return self.chat.encode(messages, None, add_generation_prompt=True, thinking=self.thinking).ids
+        return self._encode(messages, None)
 
 
 class PlainTurns:
@@ -136,12 +145,21 @@ class AgentEnv:
     """One episode at a time (see the module docstring). Reusable: `reset` starts the next episode."""
 
     def __init__(self, fmt: TurnFormat, judge: Judge, toolset: Toolset | None = None, *, max_turns: int = 4,
-                 tool_timeout_s: float = 30.0, max_tool_chars: int = 2000, replay_tools: bool = False):
+                 tool_timeout_s: float = 30.0, max_tool_chars: int = 2000, replay_tools: bool = False,
+                 toolset_factory: Callable[[Task], Toolset] | None = None, tool_schemas: list[dict] | None = None,
+                 tool_images: int = 0):
+        """`toolset_factory(task)`: a fresh toolset per episode (tools bound to the task, e.g. a Python session
+        holding its images), closed when the episode ends; `tool_schemas`: the declaration the prompt shows
+        (default: the toolset's own); `tool_images`: images per tool result passed back as image parts (for a
+        policy that sees them; 0 = text only)."""
         if max_turns < 1:
             raise ValueError(f"max_turns={max_turns} must be >= 1")
+        if toolset is not None and toolset_factory is not None:
+            raise ValueError("give AgentEnv either a toolset or a toolset_factory, not both")
         self.fmt, self.judge, self.toolset = fmt, judge, toolset
         self.max_turns, self.tool_timeout_s, self.max_tool_chars = max_turns, tool_timeout_s, max_tool_chars
         self.replay_tools = replay_tools  # stateful tools (a Python session): rebuild them on `restore`
+        self.toolset_factory, self.tool_schemas, self.tool_images = toolset_factory, tool_schemas, int(tool_images)
         self.task: Task | None = None
         self.messages: list[Message] = []
         self.turns = 0
@@ -149,11 +167,29 @@ class AgentEnv:
 
     @property
     def tools(self) -> list[dict] | None:
+        if self.tool_schemas is not None and (self.toolset is not None or self.toolset_factory is not None):
+            return list(self.tool_schemas)
         return self.toolset.schemas() if self.toolset is not None and len(self.toolset) else None
+
+    def media(self) -> list[str]:
+        """The image references of the episode so far (prompt, then tool results), in rendering order."""
+        return message_images(self.messages)
+
+    def _episode_tools(self, task: Task) -> None:
+        if self.toolset_factory is not None:
+            if self.toolset is not None:
+                self.toolset.close()
+            self.toolset = self.toolset_factory(task)
+
+    def _end_episode_tools(self) -> None:
+        if self.toolset_factory is not None and self.toolset is not None:
+            self.toolset.close()
+            self.toolset = None
 
     def reset(self, task: Task) -> list[int]:
         """Start an episode on `task`; the observation is the prompt's token ids."""
         self.task, self.messages, self.turns, self.done = task, [dict(m) for m in task.messages], 0, False
+        self._episode_tools(task)
         return self.fmt.prompt_ids(self.messages, self.tools)
 
     async def step(self, action: Sequence[int]) -> tuple[list[int], float, bool, dict[str, Any]]:
@@ -170,6 +206,7 @@ class AgentEnv:
                                 "truncated": truncated}
         if truncated or not (calls or invalid) or self.turns >= self.max_turns or self.toolset is None:
             self.done = True
+            self._end_episode_tools()
             result = await self.judge(self.task, msg, self.messages)
             info.update(components=result.components, gated=result.gated, judge_failed=result.judge_failed)
             return [], float(result.reward), True, info
@@ -181,7 +218,10 @@ class AgentEnv:
             text = res.content()
             if len(text) > self.max_tool_chars:
                 text = text[: self.max_tool_chars] + f"\n[truncated to {self.max_tool_chars} characters]"
-            replies.append({"role": "tool", "tool_call_id": call.get("id") or f"invalid:{k}", "content": text})
+            content: Any = text
+            if self.tool_images and res.images:
+                content = [{"type": "text", "text": text}] + [image_part(im) for im in res.images[:self.tool_images]]
+            replies.append({"role": "tool", "tool_call_id": call.get("id") or f"invalid:{k}", "content": content})
         self.messages += replies
         return self.fmt.observation_ids(replies), 0.0, False, info
 
@@ -202,6 +242,7 @@ class AgentEnv:
         the recorded tool calls run again in order (outputs discarded) to rebuild stateful tools."""
         self.task = Task.from_dict(state["task"])
         self.messages, self.turns, self.done = [dict(m) for m in state["messages"]], state["turns"], state["done"]
+        self._episode_tools(self.task)
         if self.replay_tools and self.toolset is not None:
             for m in self.messages:
                 for call in m.get("tool_calls") or () if m.get("role") == "assistant" else ():

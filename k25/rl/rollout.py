@@ -49,17 +49,29 @@ class TokenPolicy(Protocol):
 
 
 class SamplerPolicy:
-    """The in-process sampler (k25.infer.Sampler); `update_weights` pushes the trainer's new weights."""
+    """The in-process sampler (k25.infer.Sampler); `update_weights` pushes the trainer's new weights. With a
+    `media` store (k25.rl.media.MediaStore) a call's `media` (the image references of prompt + tokens so far,
+    in order) become the request's pixel arrays, for a K2.5 sampler. A completion holding a media placeholder
+    id is rejected (ValueError: the episode fails): the trainer's multimodal forward would read it as an image
+    slot, so the trajectory could not be replayed as it was sampled."""
 
-    def __init__(self, sampler: Any):
-        self.sampler = sampler
+    def __init__(self, sampler: Any, media: Any = None):
+        self.sampler, self.media = sampler, media
         self.max_slots, self.max_len = sampler.max_slots, sampler.max_len
+        cfg = getattr(sampler, "cfg", None)
+        self.placeholders = ({int(cfg.image_token_id), int(cfg.video_token_id)}
+                             if media is not None and hasattr(cfg, "image_token_id") else set())
 
-    async def generate(self, prompt_ids, *, max_new_tokens, temperature, top_p, stop_ids, seed):
+    async def generate(self, prompt_ids, *, max_new_tokens, temperature, top_p, stop_ids, seed, media=()):
         from k25.infer import Request
 
+        if media and self.media is None:
+            raise ValueError("the episode holds images but this SamplerPolicy has no media store")
+        pixels = self.media.request_media(list(media)) if media else {}
         c = await self.sampler.submit(Request(list(prompt_ids), int(max_new_tokens), temperature=temperature,
-                                              top_p=top_p, stop_ids=tuple(stop_ids), seed=int(seed)))
+                                              top_p=top_p, stop_ids=tuple(stop_ids), seed=int(seed), **pixels))
+        if self.placeholders.intersection(c.token_ids):
+            raise ValueError("the policy sampled a media placeholder id; the trajectory cannot be replayed")
         return TokenCompletion(list(c.token_ids), list(c.logprobs), c.finish_reason)
 
     def update_weights(self, state: Any) -> None:
@@ -116,6 +128,7 @@ class Episode:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     mask: list[int] = dataclasses.field(default_factory=list)
     versions: list[int] = dataclasses.field(default_factory=list)
+    media: list[str] = dataclasses.field(default_factory=list)  # image references of prompt + ids, in order
     turn_start: int = 0  # where the current, unfinished assistant turn begins in `ids`
     env_state: dict | None = None
     status: str = "new"  # new | active (suspended, carried) | done | failed
@@ -138,7 +151,7 @@ class Episode:
         return min(vs) if vs else None
 
     def clear(self) -> None:
-        self.prompt_ids, self.ids, self.logprobs, self.mask, self.versions = [], [], [], [], []
+        self.prompt_ids, self.ids, self.logprobs, self.mask, self.versions, self.media = [], [], [], [], [], []
         self.turn_start, self.env_state, self.status = 0, None, "new"
         self.turns = self.tool_calls = self.tool_errors = 0
         self.truncated, self.info = False, {}
@@ -323,7 +336,7 @@ class RolloutManager:
                     ep.info["stale"] = True
         while True:
             snapshot = dataclasses.replace(ep, ids=list(ep.ids), logprobs=list(ep.logprobs), mask=list(ep.mask),
-                                           versions=list(ep.versions), info=dict(ep.info))
+                                           versions=list(ep.versions), media=list(ep.media), info=dict(ep.info))
             env = await self.pool.acquire()
             try:
                 await asyncio.wait_for(self._advance(ep, env), c.episode_timeout_s or None)
@@ -347,15 +360,17 @@ class RolloutManager:
             finally:
                 await self.pool.release(env)
 
-    async def _generate(self, prompt: list[int], max_new: int, seed: int, stop_ids: Sequence[int]):
+    async def _generate(self, prompt: list[int], max_new: int, seed: int, stop_ids: Sequence[int],
+                        media: Sequence[str] = ()):
         c = self.config
         last: BaseException | None = None
+        extra = {"media": list(media)} if media else {}  # only policies that see images get image references
         for attempt in range(c.max_retries + 1):
             try:
                 async with self._sem:
                     return await asyncio.wait_for(self.policy.generate(
                         prompt, max_new_tokens=max_new, temperature=c.temperature, top_p=c.top_p,
-                        stop_ids=stop_ids, seed=seed), c.generate_timeout_s or None)
+                        stop_ids=stop_ids, seed=seed, **extra), c.generate_timeout_s or None)
             except asyncio.CancelledError:
                 raise
             except (ValueError, TypeError) as e:  # the request itself is bad (e.g. too long): retrying cannot help
@@ -371,6 +386,7 @@ class RolloutManager:
         c = self.config
         if ep.status == "new":
             ep.prompt_ids = env.reset(Task.from_dict(ep.task))
+            ep.media = _media(env)
             ep.status = "active"
         else:
             await env.restore(ep.env_state)
@@ -386,7 +402,7 @@ class RolloutManager:
             if room <= 0:
                 raise _Suspend
             seed = zlib.crc32(f"{ep.seed}/{ep.restarts}/{len(ep.ids)}".encode())
-            comp = await self._generate(ep.prompt_ids + ep.ids, room, seed, env.fmt.stop_ids)
+            comp = await self._generate(ep.prompt_ids + ep.ids, room, seed, env.fmt.stop_ids, ep.media)
             if not comp.token_ids:
                 raise _PolicyError("the policy returned an empty completion")
             n = len(comp.token_ids)
@@ -416,6 +432,7 @@ class RolloutManager:
             ep.env_state = None
             return True
         ep.ids += obs
+        ep.media = _media(env)
         ep.logprobs += [0.0] * len(obs)
         ep.mask += [0] * len(obs)
         ep.versions += [-1] * len(obs)
@@ -425,6 +442,12 @@ class RolloutManager:
 
 class _PolicyError(RuntimeError):
     pass
+
+
+def _media(env: Any) -> list[str]:
+    """The environment's image references so far (environments without images have none)."""
+    media = getattr(env, "media", None)
+    return list(media()) if media is not None else []
 
 
 def run_iteration_sync(manager: RolloutManager, tasks: Sequence[Task], iteration: int) -> IterationResult:

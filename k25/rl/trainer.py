@@ -12,6 +12,12 @@ pending groups, the rollout buffer and Toggle's budgets, so a killed run resumes
 
 The loss is `k25.rl.loss.policy_loss` with the batch's N (response tokens of the whole batch) as the
 normaliser, returned as the sum the step divides by N, so gradient accumulation stays exact.
+
+The policy is a K2 decoder (`config.model`) or, when the model config has a vision part (`config.init_from`
+holding a K2.5 run, or `config.lm` + `config.vision`), a K25Model: its episodes carry their images as
+references (k25.rl.media; vision tasks in k25.rl.vision), the sampler prefills their pixels, and the batch
+goes through the joint stage's planning (`k25.train.multimodal.prepare_batch`) with the old logprobs and
+advantages beside the text arrays, so Eq. 1 runs through the multimodal forward (DEP when `config.dep`).
 """
 
 from __future__ import annotations
@@ -32,12 +38,23 @@ from flax import nnx
 from k25.data.chat import byte_chat_format, load_chat_format
 from k25.data.synthetic import make_task
 from k25.model.decoder import K2Model
+from k25.model.k25 import K25Model
+from k25.model.params import count_params
+from k25.model.vision_config import K25Config
+from k25.parallel.dep import step_loss_fn
+from k25.parallel.mesh import make_mesh
+from k25.rl import vision
 from k25.rl.env import AgentEnv, ChatTurns, PlainTurns, RewardJudge, Task
 from k25.rl.loss import PolicyLossConfig, group_advantages, policy_loss
+from k25.rl.media import MediaStore
 from k25.rl.rollout import EnvPool, Episode, RolloutConfig, RolloutManager, SamplerPolicy
 from k25.rl.toggle import Toggle, ToggleConfig
+from k25.train.init_from import copy_into
+from k25.train.joint import stack_rows, vision_budgets
+from k25.train.multimodal import dep_enabled, prepare_batch
 from k25.train.pretrain import TextLMStage
 from k25.train.state import split_model
+from k25.train.step import StepConfig
 
 BATCH_KEYS = ("input_ids", "targets", "positions", "segment_ids", "loss_mask", "old_logp", "advantages",
               "n_total")
@@ -69,8 +86,10 @@ def default_rl_config() -> ml_collections.ConfigDict:
         dtype="",  # the sampler's compute and parameter dtype; "" = the trainer's (config.model)
         cache_dtype="float32",
         min_bucket=64,  # smallest prefill/decode-window bucket: short contexts compile one shape
-        eval_max_new_tokens=16,
+        eval_max_new_tokens=16,  # per turn of a held-out episode
+        eval_max_response_tokens=0,  # a held-out episode's tokens after the prompt; 0 = eval_max_new_tokens
     ))
+    rl.vision = vision.default_vision_config()  # tool and image limits of `vision/<kind>` tasks
     return rl
 
 
@@ -102,10 +121,16 @@ def make_judge(rl: ml_collections.ConfigDict) -> RewardJudge:
 
 
 class RLStage(TextLMStage):
-    """Model, optimizer settings and init_from as the `lm` stage; rollouts, Eq. 1 and held-out accuracy here."""
+    """Model, optimizer settings and init_from as the `lm` stage (a text policy) or the `sft` stage (a K2.5
+    policy); rollouts, Eq. 1 and held-out accuracy here."""
 
     def __init__(self, config: ml_collections.ConfigDict):
-        super().__init__(config)
+        self.media: MediaStore | None = None
+        if config.get("model") is None:
+            self._init_k25(config)
+        else:
+            super().__init__(config)
+            self.multimodal, self.text_cfg = False, self.model_cfg
         rl = config.rl
         self.rl = rl
         self.loss_cfg = PolicyLossConfig.from_mapping(rl.loss.to_dict())
@@ -119,8 +144,13 @@ class RLStage(TextLMStage):
             raise ValueError("config.rl.loss.normalization='sequence' is a per-microbatch mean; use "
                              "config.optim.accum_steps=1 with it")
         self.toggle_cfg = ToggleConfig(**rl.toggle.to_dict())
-        self.sources = {name: make_task(name, **dict((config.data.get("synthetic") or {}).get(name, {})))
-                        for name in rl.tasks}
+        synthetic = (config.get("data") or {}).get("synthetic") or {}
+        self.sources = {name: vision.VisionSource(name) if vision.is_vision(name) else
+                        make_task(name, **dict(synthetic.get(name, {}))) for name in rl.tasks}
+        if not self.multimodal and any(map(vision.is_vision, self.sources)):
+            raise ValueError(f"config.rl.tasks has vision tasks {[n for n in self.sources if vision.is_vision(n)]} "
+                             "but the policy is text-only (config.model); start from a K2.5 run with "
+                             "config.init_from and no config.model")
         self.weights = np.array([rl.tasks[n] for n in self.sources], np.float64)
         if not len(self.sources) or (self.weights <= 0).any():
             raise ValueError("config.rl.tasks needs at least one synthetic task with a weight > 0")
@@ -129,27 +159,93 @@ class RLStage(TextLMStage):
             self.fmt = PlainTurns(self.tokenizer)
         elif rl.format == "chat":
             chat = byte_chat_format() if rl.chat_format == "byte" else load_chat_format(rl.chat_format)
-            chat.check_vocab(self.model_cfg.vocab_size)
-            self.fmt = ChatTurns(chat, thinking=rl.thinking)
+            chat.check_vocab(self.text_cfg.vocab_size)
+            self.fmt = ChatTurns(chat, thinking=rl.thinking, media=self.media)
         else:
             raise ValueError(f"config.rl.format={rl.format!r}: 'plain' or 'chat'")
+        if self.multimodal and rl.format != "chat":
+            raise ValueError(f"config.rl.format={rl.format!r}: a K2.5 policy runs the chat format (images render "
+                             "as placeholders there); set config.rl.format='chat'")
         self.judge = make_judge(rl)
         self.sampler = None  # built at the first observe_state (needs concrete weights)
+        self._text_eval = None
+
+    def _init_k25(self, config: ml_collections.ConfigDict) -> None:
+        """The K2.5 policy: weights and config as the sft stage reads them (`init_from`, or `lm` + `vision`)."""
+        from k25.train.sft import SFTStage, with_chat_media_ids
+
+        self.config = config
+        if not config.get("init_from") and config.get("vision") is None:
+            raise ValueError(
+                "the rl stage has no policy: set config.init_from to a K2.5 run directory or HF checkpoint (for "
+                "vision RL a K2.5 SFT run, e.g. `python -m experiments.run --config=experiments/zero_vision_sft.py"
+                ":base --workdir=/tmp/zv/base`, then `...zero_vision_sft.py:zero_vision --workdir=/tmp/zv/"
+                "zero_vision`, and --config.init_from=/tmp/zv/zero_vision), or config.model for a text policy")
+        self.init_params, cfg = SFTStage._model_config(config)
+        if not isinstance(cfg, K25Config):
+            raise ValueError(f"config.init_from={config.get('init_from')!r} holds a text model: give its config as "
+                             "config.model (the text rl stage) or start from a K2.5 run")
+        chat = load_chat_format(config.rl.chat_format)
+        self.multimodal = True
+        self.model_cfg = with_chat_media_ids(cfg, chat)
+        self.text_cfg = cfg.text_config
+        self.tokenizer = chat.tokenizer
+        self.pipeline = None
+        self.mesh = make_mesh(config.mesh)
+        self.dep = dep_enabled(config)
+        per_row = int(config.data.max_media_tokens_per_row)
+        vcfg = cfg.vision_config
+        self.patch_budget, self.token_budget = vision_budgets(config, self.mesh, vcfg.merge_area, per_row)
+        self.media = MediaStore({vision.SCHEME: vision.resolve}, patch_size=vcfg.patch_size,
+                                merge_size=vcfg.merge_kernel_size[0])
+        self._mm_loss = step_loss_fn(self._embeds_loss, self.mesh, dep=self.dep)
+
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        if not self.multimodal:
+            return super().build_model(rngs)
+        model = K25Model(self.model_cfg, rngs=rngs)
+        if self.init_params:
+            copy_into(model, self.init_params, "config.init_from")
+        return model
+
+    def param_counts(self) -> dict[str, int]:
+        return count_params(self.text_cfg)
+
+    def step_config(self) -> StepConfig:
+        if not self.multimodal:
+            return super().step_config()
+        c = self.config
+        return StepConfig(accum_steps=c.optim.accum_steps, qk_clip_tau=c.optim.qk_clip_tau,
+                          bias_update_rate=float(c.get("bias_update_rate", self.text_cfg.bias_update_rate)),
+                          text_cfg=self.text_cfg, text_path=("language_model",))
 
     # ----------------------------------------------------------------------------------------- pieces
     def make_env(self) -> AgentEnv:
+        v = self.rl.get("vision")
+        if self.multimodal and v is not None and v.tool:  # the sandboxed Python tool, the task's images bound
+            return AgentEnv(self.fmt, self.judge, max_turns=int(self.rl.max_turns),
+                            tool_timeout_s=float(v.sandbox_timeout_s) + 5.0, max_tool_chars=int(v.max_tool_chars),
+                            replay_tools=True, toolset_factory=vision.python_toolset(v),
+                            tool_schemas=vision.TOOL_SCHEMAS, tool_images=int(v.tool_images))
         return AgentEnv(self.fmt, self.judge, None, max_turns=int(self.rl.max_turns))
 
     def task(self, index: int, seed: int) -> Task:
         """The `index`-th training task of the stream `seed` (deterministic: the checkpoint keeps a cursor)."""
         rng = np.random.default_rng([seed, index])
         name = list(self.sources)[int(rng.choice(len(self.sources), p=self.weights))]
+        if vision.is_vision(name):
+            return self.sources[name].rl_task(index, seed)
         return _task_to_rl(name, index, self.sources[name].example("train", index, stream=seed))
 
     def eval_tasks(self) -> list[Task]:
         n = int(self.config.eval_examples)
-        return [_task_to_rl(f"eval/{name}", i, ex) for name, src in self.sources.items()
-                for i, ex in enumerate(src.examples("eval", n))]
+        out = []
+        for name, src in self.sources.items():
+            if vision.is_vision(name):
+                out += src.eval_rl_tasks(n, int(self.config.seed))
+            else:
+                out += [_task_to_rl(f"eval/{name}", i, ex) for i, ex in enumerate(src.examples("eval", n))]
+        return out
 
     def ensure_sampler(self, params: Any = None, buffers: Any = None):
         """The rollout sampler, built on first use around `params`/`buffers` (no initialisation of its own:
@@ -159,10 +255,13 @@ class RLStage(TextLMStage):
 
             if params is None:
                 raise RuntimeError("the rl stage's sampler needs weights: the loop calls observe_state first")
-            cfg = self.model_cfg
-            if self.rl.sampler.dtype:
-                cfg = dataclasses.replace(cfg, dtype=self.rl.sampler.dtype, param_dtype=self.rl.sampler.dtype)
-            abstract = nnx.eval_shape(lambda: K2Model(cfg, rngs=nnx.Rngs(0)))
+            cfg, dtype = self.model_cfg, self.rl.sampler.dtype
+            if dtype and self.multimodal:
+                cfg = cfg.replace(text_config=dataclasses.replace(cfg.text_config, dtype=dtype, param_dtype=dtype))
+            elif dtype:
+                cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+            cls = K25Model if self.multimodal else K2Model
+            abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
             model_def, p, b = split_model(abstract)
             cast = lambda tree, ref: jax.tree.map(lambda x, r: jnp.asarray(x, r.dtype), tree, ref)
             model = model_def.merge(cast(params, p), cast(buffers, b))
@@ -171,6 +270,20 @@ class RLStage(TextLMStage):
                                    cache_dtype=jnp.dtype(self.rl.sampler.cache_dtype),
                                    min_bucket=min(int(self.rl.sampler.min_bucket), max_len))
         return self.sampler
+
+    def row_pixels(self, e: Episode, input_ids: np.ndarray) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
+        """(patches, grid) of a trajectory's images, checked against its placeholders and the row's cap."""
+        px = self.media.pixels(e.media)
+        tokens = sum(t * h * w for _, (t, h, w) in px) // self.model_cfg.vision_config.merge_area
+        placed = int((np.asarray(input_ids) == self.model_cfg.image_token_id).sum())
+        if tokens != placed:
+            raise RuntimeError(f"episode {e.uid}: {len(px)} images make {tokens} vision tokens but the trajectory "
+                               f"holds {placed} placeholders")
+        cap = int(self.config.data.max_media_tokens_per_row)
+        if tokens > cap:
+            raise ValueError(f"episode {e.uid} holds {tokens} vision tokens > config.data.max_media_tokens_per_row="
+                             f"{cap}; raise it or lower config.rl.vision.tool_images / max_tool_image_pixels")
+        return px
 
     def push_weights(self, params: Any, buffers: Any) -> None:
         """Copy the trainer's weights into the sampler (a copy: the training step donates its state)."""
@@ -184,15 +297,36 @@ class RLStage(TextLMStage):
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         shape = (batch_size, self.config.seq_len)
         spec = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in BATCH_KEYS[:5]}
+        if self.multimodal:  # the planned arrays of an image-free batch have the budgets' fixed shapes
+            planned = self.plan({k: np.zeros(shape, np.int32) for k in BATCH_KEYS[:5]})
+            spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in planned.items()}
         spec["old_logp"] = jax.ShapeDtypeStruct(shape, jnp.float32)
         spec["advantages"] = jax.ShapeDtypeStruct(shape, jnp.float32)
         spec["n_total"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
         return spec
 
+    def plan(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Text arrays + pixels (HF layout) -> the planned batch of the multimodal step (fixed budgets)."""
+        planned, _ = prepare_batch(raw, self.model_cfg, self.mesh, dep=self.dep,
+                                   accum_steps=int(self.config.optim.accum_steps), patch_budget=self.patch_budget,
+                                   token_budget=self.token_budget)
+        return planned
+
     def loss_fn(self, model, batch):
         """Eq. 1 (or the configured baseline) summed over this (micro)batch's tokens, normalised by the whole
-        batch's N; statistics are this microbatch's share of batch-level means, so they add up too."""
+        batch's N; statistics are this microbatch's share of batch-level means, so they add up too. A K2.5
+        policy's batch is planned: the encoder's tokens are spliced in before the decoder (DEP or not)."""
+        if self.multimodal:
+            return self._mm_loss(model, batch)
         out = model(batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+        return self._policy_terms(out, batch)
+
+    def _embeds_loss(self, language_model: K2Model, embeds: jax.Array, batch: dict):
+        out = language_model(inputs_embeds=embeds, positions=batch["positions"], segment_ids=batch["segment_ids"])
+        return self._policy_terms(out, batch)
+
+    def _policy_terms(self, out: Any, batch: dict):
+        """(loss sum, aux) of Eq. 1 from the decoder's output on this batch."""
         logits = out.logits.astype(jnp.float32)
         logp_all = jax.nn.log_softmax(logits, axis=-1)
         logp = jnp.take_along_axis(logp_all, batch["targets"][..., None], axis=-1)[..., 0]
@@ -230,23 +364,38 @@ class RLStage(TextLMStage):
             return {}
         _, params, buffers = nnx.split(model, nnx.Param, ...)
         self.push_weights(nnx.to_pure_dict(params), nnx.to_pure_dict(buffers))
-        cfg = dataclasses.replace(self.rollout_cfg, group_size=1, temperature=0.0,
-                                  tokens_per_iteration=int(self.rl.sampler.eval_max_new_tokens),
-                                  max_response_tokens=int(self.rl.sampler.eval_max_new_tokens),
-                                  max_turn_tokens=int(self.rl.sampler.eval_max_new_tokens))
-        mgr = RolloutManager(SamplerPolicy(self.sampler), EnvPool(self.make_env, len(tasks)), cfg)
+        turn = int(self.rl.sampler.eval_max_new_tokens)
+        whole = int(self.rl.sampler.get("eval_max_response_tokens", 0)) or turn
+        cfg = dataclasses.replace(self.rollout_cfg, group_size=1, temperature=0.0, tokens_per_iteration=whole,
+                                  max_response_tokens=whole, max_turn_tokens=turn)
+        mgr = RolloutManager(SamplerPolicy(self.sampler, self.media), EnvPool(self.make_env, len(tasks)), cfg)
         res = asyncio.run(mgr.run_iteration(tasks, 0))
         eps = res.finished + res.carried  # a carried (cut-off) answer has not been judged: it counts as wrong
         rewards = [e.reward if e.status == "done" else 0.0 for e in eps]
         out = {"eval/accuracy": float(np.mean(rewards)) if eps else 0.0,
-               "eval/response_length": float(np.mean([e.response_tokens for e in eps])) if eps else 0.0}
+               "eval/response_length": float(np.mean([e.response_tokens for e in eps])) if eps else 0.0,
+               "eval/tool_call_rate": float(np.mean([e.tool_calls > 0 for e in eps])) if eps else 0.0}
+        solved = []
         for name, src in self.sources.items():
             mine = [(e, r) for e, r in zip(eps, rewards) if e.task["id"].startswith(f"eval/{name}:")]
             out[f"eval/{name}_accuracy"] = float(np.mean([r for _, r in mine])) if mine else 0.0
+            replies = [self.fmt.parse(e.ids[e.turn_start:]).get("content") or "" if e.status == "done" else ""
+                       for e, _ in mine]
             if mine and hasattr(src, "eval_metrics"):  # a task's own held-out figures (safety: refusal rates)
-                replies = [self.fmt.parse(e.ids[e.turn_start:]).get("content") or "" for e, _ in mine]
                 metrics = src.eval_metrics([e.task["target"] for e, _ in mine], replies)
                 out.update({f"eval/{k}": v for k, v in metrics.items()})
+            if mine and hasattr(src, "grade"):  # strict right/wrong beside a partial-credit reward (vision)
+                grades = [src.grade(e.task, r) for (e, _), r in zip(mine, replies)]
+                out[f"eval/{name}_solved"] = float(np.mean(grades))
+                solved += grades
+        if solved:
+            out["eval/solved"] = float(np.mean(solved))
+        v = self.rl.get("vision")
+        if self.multimodal and v is not None and int(v.text_eval_per_task) > 0:  # the Table 2 analog
+            if self._text_eval is None:
+                self._text_eval = vision.TextHeldOut(v, self.model_cfg.vision_config.merge_area,
+                                                     int(self.config.seed))
+            out.update(self._text_eval(model))
         return out
 
 
@@ -274,7 +423,7 @@ class RLIterator:
     def _ensure_manager(self) -> RolloutManager:
         if self.manager is None:
             st = self.stage
-            self.manager = RolloutManager(SamplerPolicy(st.ensure_sampler()),
+            self.manager = RolloutManager(SamplerPolicy(st.ensure_sampler(), st.media),
                                           EnvPool(st.make_env, st.config.batch_size * 4), st.rollout_cfg)
             if self._manager_state is not None:
                 self.manager.load_state_dict(self._manager_state)
@@ -316,6 +465,7 @@ class RLIterator:
                np.zeros((B, T), np.float32 if k in ("old_logp", "advantages") else np.int32) for k in BATCH_KEYS}
         rewards, raw, lengths, calls, stale, judge_failed = [], [], [], [], [], []
         row = 0
+        pixels: list[list[tuple[np.ndarray, tuple[int, int, int]]]] = [[] for _ in range(B)]
         for g in groups:
             r = [e.reward for e in g]
             n = [e.response_tokens for e in g]
@@ -338,6 +488,8 @@ class RLIterator:
                 out["loss_mask"][row, :L] = mask[1:]
                 out["old_logp"][row, :L] = lps[1:]
                 out["advantages"][row, :L] = a * np.asarray(mask[1:], np.float32)
+                if e.media:
+                    pixels[row] = st.row_pixels(e, out["input_ids"][row])
                 old = e.oldest_version()
                 stale.append(self.version - old if old is not None else 0)
                 row += 1
@@ -347,6 +499,9 @@ class RLIterator:
             calls += [e.tool_calls for e in g]
             judge_failed += [float(bool(e.info.get("judge_failed"))) for e in g]
         out["n_total"][:] = out["loss_mask"].sum()
+        if st.multimodal:  # the joint stage's planning; Eq. 1's arrays ride beside the text arrays
+            text = stack_rows([({k: out[k][r] for k in BATCH_KEYS[:5]}, pixels[r]) for r in range(B)])
+            out = {**st.plan(text), **{k: out[k] for k in BATCH_KEYS[5:]}}
         self._add("reward", raw)
         self._add("reward_shaped", rewards)
         self._add("response_length", lengths)

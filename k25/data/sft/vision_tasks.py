@@ -163,6 +163,11 @@ def eval_tasks(kinds: list[str], per_kind: int, seed: int) -> list[VisionTask]:
     unknown = sorted(set(kinds) - set(VISION_TASKS))
     if unknown:
         raise ValueError(f"unknown vision eval kind(s) {unknown}; choose from {sorted(VISION_TASKS)}")
-    return [VISION_TASKS[k](np.random.default_rng([seed, 7919, i, j])) for j, k in enumerate(kinds)
+    return [VISION_TASKS[k](np.random.default_rng(eval_key(seed, i, j))) for j, k in enumerate(kinds)
             for i in range(per_kind)]
+
+
+def eval_key(seed: int, i: int, j: int) -> list[int]:
+    """The seed key of the i-th held-out task of the j-th kind (the RL stage rebuilds tasks from it)."""
+    return [int(seed), 7919, int(i), int(j)]
 
