@@ -9,9 +9,9 @@ the `ChatMessage`s, tool calls and reasoning blocks it would see from `--model o
 Model args (`-M key=value`):
 - `client`: a ready ChatClient (tests, or a caller that already holds a sampler); otherwise the model name is a
   checkpoint path and `k25.infer.client.SamplerClient` loads it;
-- `prompt_format`: "chat" (the Kimi chat format) or "raw" (bos + the user text, no template: what the
-  pre-training stage's held-out evals decode from); "auto" picks "raw" for a run whose stage never saw the
-  chat format and "chat" otherwise;
+- `prompt_format`: "chat" (the Kimi chat format) or "raw" (bos + the user text, images as media placeholders,
+  no template: what the pre-training stages' held-out evals score); "auto" picks "raw" for a run whose stage
+  never saw the chat format and "chat" otherwise;
 - `max_slots`, `max_len`, `cache_dtype`, `thinking`: how the checkpoint is served (`K25ModelAPI.load_client`).
 """
 
@@ -77,20 +77,26 @@ def completion_dict(result: ChatResult, model: str) -> dict[str, Any]:
     return out
 
 
-def raw_prompt(messages: list[dict]) -> str:
-    """The text a base (non-chat) checkpoint continues: the user turns' text, joined; nothing else allowed."""
-    parts = []
+def raw_prompt(messages: list[dict]) -> list[str | dict]:
+    """What a base (non-chat) checkpoint continues: the user turns' text and images in order, adjacent text
+    joined (image parts stay OpenAI `image_url` parts); nothing else allowed."""
+    parts: list[str | dict] = []
     for m in messages:
         if m["role"] not in ("user", "system"):
-            raise ValueError(f"prompt_format='raw' serves single-turn text prompts; got a {m['role']!r} message. "
+            raise ValueError(f"prompt_format='raw' serves single-turn prompts; got a {m['role']!r} message. "
                              "Use -M prompt_format=chat for multi-turn or tool-using tasks.")
         content = m["content"]
-        if not isinstance(content, str):
-            if any(p.get("type") != "text" for p in content):
-                raise ValueError("prompt_format='raw' takes text only; use -M prompt_format=chat for images.")
-            content = "".join(p["text"] for p in content)
-        parts.append(content)
-    return "".join(parts)
+        for p in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+            if p.get("type") == "text":
+                if parts and isinstance(parts[-1], str):
+                    parts[-1] += p["text"]
+                else:
+                    parts.append(p["text"])
+            elif p.get("type") == "image_url":
+                parts.append(p)
+            else:
+                raise ValueError(f"prompt_format='raw' takes text and images, not {p.get('type')!r} parts.")
+    return parts
 
 
 def resolve_format(prompt_format: str, stage: str) -> str:
@@ -111,9 +117,10 @@ def run_stage(path: str) -> str:
 
 
 class RawClient:
-    """A base checkpoint (a pre-training stage never saw the chat format): continues bos + text with the
-    sampler, stopping at eos -- the prompt the stage trained on and its held-out eval
-    (`TextLMStage.evaluate`) decodes from. It has no chat turns; `chat` says so."""
+    """A base checkpoint (a pre-training stage never saw the chat format): continues bos + text (and images,
+    as media placeholders) with the sampler, stopping at eos -- the prompt the stage trained on and its
+    held-out evals (`TextLMStage.evaluate`, the joint stage's `HeldOutTasks`) score. It has no chat turns;
+    `chat` says so."""
 
     def __init__(self, sampler: Any, tokenizer: Any, *, model: str, max_slots: int) -> None:
         self.sampler, self.tokenizer, self.model, self.max_slots = sampler, tokenizer, model, max_slots
@@ -122,18 +129,41 @@ class RawClient:
         raise ClientError(f"{self.model} is a base checkpoint without a chat format; use prompt_format='raw' "
                           "with single-turn text tasks")
 
-    async def complete(self, text: str, *, temperature: float, top_p: float, max_tokens: int, seed: int | None,
-                       stop: list[str] | None) -> ChatResult:
+    def prompt(self, parts: str | list[str | dict]) -> tuple[list[int], dict[str, Any]]:
+        """(prompt ids, the sampler's media arguments) of `raw_prompt` parts: bos, then per part its text's
+        tokens or one placeholder per merged token of its image -- the layout of the joint stage's documents
+        (`k25.train.joint.JointData.sample_document`: bos, placeholders, prompt)."""
+        from k25.serve.engine import BadRequest, decode_data_uri, image_media
+
+        tok = self.tokenizer
+        parts = [parts] if isinstance(parts, str) else parts
+        try:
+            images = [decode_data_uri(p["image_url"]["url"], "image_url") for p in parts if not isinstance(p, str)]
+        except BadRequest as e:
+            raise ClientError(f"{self.model}: {e}") from e
+        media: dict[str, Any] = {}
+        counts: list[int] = []
+        if images:
+            if not self.sampler.multimodal:
+                raise ClientError(f"{self.model} is a text-only checkpoint and cannot take images")
+            media, counts = image_media(images, self.sampler.cfg.vision_config)
+        ids, image = [tok.bos_id], iter(counts)
+        for p in parts:
+            ids += tok.encode(p) if isinstance(p, str) else [self.sampler.cfg.image_token_id] * next(image)
+        return ids, media
+
+    async def complete(self, parts: str | list[str | dict], *, temperature: float, top_p: float, max_tokens: int,
+                       seed: int | None, stop: list[str] | None) -> ChatResult:
         from k25.infer import Request
 
         tok = self.tokenizer
-        ids = [tok.bos_id, *tok.encode(text)]
+        ids, media = self.prompt(parts)
         room = self.sampler.max_len - len(ids)
         if room < 1:
             raise ClientError(f"{self.model}: the prompt has {len(ids)} tokens, past the context of "
                               f"{self.sampler.max_len}; raise -M max_len")
         c = await self.sampler.submit(Request(ids, min(max_tokens, room), temperature=temperature, top_p=top_p,
-                                              stop_ids=(tok.eos_id,), seed=seed or 0))
+                                              stop_ids=(tok.eos_id,), seed=seed or 0, **media))
         text = tok.decode([t for t in c.token_ids if t != tok.eos_id])
         for s in stop or ():
             text = text.split(s, 1)[0] if s else text

@@ -64,7 +64,8 @@ def assistant_turn(choice: Choice, thinking: bool) -> tuple[dict, str]:
     return msg, reason
 
 
-def _decode_data_uri(url: str, where: str) -> np.ndarray:
+def decode_data_uri(url: str, where: str) -> np.ndarray:
+    """An image data URI as an RGB uint8 array; anything else (a URL to fetch, bad base64) is a BadRequest."""
     from PIL import Image
 
     if not url.startswith("data:"):
@@ -78,6 +79,17 @@ def _decode_data_uri(url: str, where: str) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
     except (binascii.Error, ValueError, OSError) as e:
         raise BadRequest(f"{where}: cannot decode the image ({e})", param=where) from e
+
+
+def image_media(images: Sequence[np.ndarray], vision_config: Any) -> tuple[dict[str, Any], list[int]]:
+    """The sampler's media arguments for RGB images (the HF processor's arrays at the model's patch size and
+    merge) and the merged LLM tokens, i.e. placeholders, of each; shared by the chat and raw prompts."""
+    from k25.data.preprocess import preprocess_images
+
+    px = preprocess_images(images, patch_size=vision_config.patch_size, merge_size=vision_config.merge_kernel_size[0])
+    grids = [tuple(int(v) for v in g) for g in px["image_grid_thw"]]
+    merge = vision_config.merge_kernel_size[0] * vision_config.merge_kernel_size[1]
+    return {"pixel_values": px["pixel_values"], "grid_thw": grids}, [t * h * w // merge for t, h, w in grids]
 
 
 class Engine:
@@ -107,7 +119,7 @@ class Engine:
                         p.get("image_url") or p.get("image")
                     if not isinstance(url, str):
                         raise BadRequest(f"{where}.url must be a data URI string", param=where)
-                    images.append(_decode_data_uri(url, where))
+                    images.append(decode_data_uri(url, where))
                     parts.append({"type": "image_url"})
                 elif kind in ("video", "video_url"):
                     raise BadRequest(f"messages[{i}].content[{j}]: video input is not served; send frames as images",
@@ -119,13 +131,7 @@ class Engine:
             return out, {}, []
         if not self.multimodal:
             raise BadRequest(f"model {self.model_name!r} is text-only and cannot take images", param="messages")
-        from k25.data.preprocess import preprocess_images
-
-        vcfg = self.sampler.cfg.vision_config
-        px = preprocess_images(images, patch_size=vcfg.patch_size, merge_size=vcfg.merge_kernel_size[0])
-        grids = [tuple(int(v) for v in g) for g in px["image_grid_thw"]]
-        merge = vcfg.merge_kernel_size[0] * vcfg.merge_kernel_size[1]
-        return out, {"pixel_values": px["pixel_values"], "grid_thw": grids}, [t * h * w // merge for t, h, w in grids]
+        return (out, *image_media(images, self.sampler.cfg.vision_config))
 
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None, tool_choice: Any,
                     template_kwargs: dict | None) -> ChatPrompt:

@@ -36,7 +36,7 @@ from k25.data.packing import encode_record
 from k25.data.preprocess import preprocess_images
 from k25.data.synthetic import make_task
 from k25.data.tokenizer import ByteTokenizer
-from k25.data.vision.tasks import IMAGE_TASKS, digit_indices
+from k25.data.vision.tasks import IMAGE_TASKS, Sample, digit_indices
 from k25.model.config import K2Config
 from k25.model.k25 import K25Model
 from k25.model.vision_config import K25Config, MoonViTConfig
@@ -110,20 +110,28 @@ class JointData:
         return (size // 14) ** 2 // self.merge_area
 
     # ---------------------------------------------------------------------------------------- documents
-    def image_document(self, rng: np.random.Generator, split: str, task: str | None = None, answer_only: bool = False
-                       ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, tuple[int, int, int]]]:
-        """(tokens, is_target, (pixel_values, grid_thw)) of one image document; the caption is trained, the
-        placeholders are not (their targets are media ids, never predicted). `task` fixes the task (evals);
-        `answer_only` trains/scores only the answer and eos, not the prompt (held-out scoring)."""
+    def image_sample(self, rng: np.random.Generator, split: str, task: str | None = None) -> Sample:
+        """One image of a drawn size (and task, unless `task` fixes it, as the evals do)."""
         size = self.sizes[int(rng.integers(len(self.sizes)))]
         if task is None:
             task = self.image_tasks[int(rng.choice(len(self.image_tasks), p=self.image_probs))]
         fn = IMAGE_TASKS[task]
-        sample = fn(rng, size, self.digit_pool[split]) if task == "digits" else fn(rng, size)
+        return fn(rng, size, self.digit_pool[split]) if task == "digits" else fn(rng, size)
+
+    def image_document(self, rng: np.random.Generator, split: str, task: str | None = None, answer_only: bool = False
+                       ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, tuple[int, int, int]]]:
+        """(tokens, is_target, (pixel_values, grid_thw)) of one drawn image document (`sample_document`)."""
+        return self.sample_document(self.image_sample(rng, split, task), answer_only)
+
+    def sample_document(self, sample: Sample, answer_only: bool = False
+                        ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, tuple[int, int, int]]]:
+        """(tokens, is_target, (pixel_values, grid_thw)) of an image sample: bos, one placeholder per merged
+        token, `prompt_text`, answer, eos. The caption is trained, the placeholders are not (their targets are
+        media ids, never predicted); `answer_only` trains/scores only the answer and eos (held-out scoring)."""
         px = preprocess_images([sample.frames[0]])
         t, h, w = (int(v) for v in px["image_grid_thw"][0])
         n_media = h * w // self.merge_area
-        prompt = self.tok.encode(sample.prompt + " ") if sample.prompt else []
+        prompt = self.tok.encode(prompt_text(sample))
         answer = [*self.tok.encode(sample.answer), self.tok.eos_id]
         tokens = [self.tok.bos_id, *[self.tok.media_id] * n_media, *prompt, *answer]
         is_target = [False] * (1 + n_media) + [not answer_only] * len(prompt) + [True] * len(answer)
@@ -183,6 +191,12 @@ class JointData:
               ) -> dict[str, np.ndarray]:
         """Rows (and their images, in order) -> one batch in the HF processor layout."""
         return stack_rows(rows)
+
+
+def prompt_text(sample: Sample) -> str:
+    """The text between an image's placeholders and its answer in the stage's documents: the prompt and a
+    space, or nothing (captioning tasks have no prompt). `vision_heldout` sends the same text."""
+    return sample.prompt + " " if sample.prompt else ""
 
 
 def pack_documents(draw: Callable[[], Document], *, seq_len: int, pad_id: int, media_id: int, max_media_tokens: int,

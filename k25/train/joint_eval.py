@@ -25,8 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
+
+from k25.data.vision.tasks import Sample
 
 if TYPE_CHECKING:
     from k25.train.joint import JointData
@@ -49,6 +52,27 @@ class HeldOutTasks:
         self._batch: tuple[dict[str, np.ndarray], list[str]] | None = None
         self._run = None
 
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> HeldOutTasks:
+        """The held-out documents of a k25-stage run config (its data, seq_len, vision merge and
+        `eval_per_task`), without building the stage (no mesh, no model)."""
+        from k25.data.tokenizer import ByteTokenizer
+        from k25.model.vision_config import MoonViTConfig
+        from k25.train.joint import JointData
+
+        merge = MoonViTConfig.from_dict(config.vision.to_dict()).merge_area
+        data = JointData(config.data, config.seq_len, ByteTokenizer(), merge)
+        return cls(data, int(config.get("eval_per_task", 0)), config.seed)
+
+    def rng(self, name: str, i: int) -> np.random.Generator:
+        """The generator of held-out document `i` of task `name`: a pure function of the data config's seed."""
+        return np.random.default_rng([self.data.cfg.seed, 2, zlib.crc32(name.encode()), i])
+
+    def image_sample(self, name: str, i: int) -> Sample:
+        """Held-out image `i` of task `name`, the one the stage scores (`k25.eval.tasks.vision_heldout` serves
+        the same image, so a sampler's greedy decode of it can be checked against this teacher-forced score)."""
+        return self.data.image_sample(self.rng(name, i), "eval", name)
+
     def batch(self) -> tuple[dict[str, np.ndarray], list[str]]:
         """(raw batch with one document per row, the task of each row); built once, a pure function of the
         data config's seed."""
@@ -57,12 +81,11 @@ class HeldOutTasks:
             names = [*d.image_tasks, *(t.name for t in d.text_tasks)]
             for name in names:
                 for i in range(self.n):
-                    rng = np.random.default_rng([d.cfg.seed, 2, zlib.crc32(name.encode()), i])
                     if name in d.image_tasks:
-                        doc = d.image_document(rng, "eval", name, answer_only=True)
+                        doc = d.sample_document(self.image_sample(name, i), answer_only=True)
                     else:
                         index = [t.name for t in d.text_tasks].index(name)
-                        doc = (*d.text_document(rng, "eval", index), None)
+                        doc = (*d.text_document(self.rng(name, i), "eval", index), None)
                     rows.append(d.pack_row(lambda doc=doc: doc, max_docs=1))
                     tasks.append(name)
             self._batch = (d.stack(rows), tasks)

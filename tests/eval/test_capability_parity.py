@@ -1,15 +1,28 @@
-"""The capability tasks compute the training stage's own numbers on a saved checkpoint: a tiny_lm smoke run is
-evaluated by `TextLMStage.evaluate` and by `inspect eval text_heldout --model k25/RUN_DIR` (the sampler behind
-the k25 model API, raw prompts); metrics and every sample's greedy continuation agree."""
+"""The capability tasks compute the training stage's own numbers on a saved checkpoint.
 
+Text: a tiny_lm smoke run is evaluated by `TextLMStage.evaluate` and by `inspect eval text_heldout --model
+k25/RUN_DIR` (the sampler behind the k25 model API, raw prompts); metrics and every sample's greedy
+continuation agree. Vision: a k25_joint smoke run is evaluated by the joint stage's teacher-forced held-out
+scores and by `vision_heldout` through the sampler (images as media placeholders); the per-task exact metrics
+agree, every prompt is the stage's row token for token, and every sampled token is the argmax (with the sampler's
+logprob) of the stage's forward over the prompt and the tokens before it (a 2-step model misses nearly every
+answer, so equal exact scores alone prove little).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 from inspect_ai import eval as inspect_eval
 
 from k25.data.pipeline import make_eval_examples
+from k25.data.preprocess import preprocess_images
 from k25.eval.provider import run_stage
 from k25.eval.tasks.config import load_config
 from k25.eval.tasks.text import text_heldout
+from k25.eval.tasks.vision import vision_heldout
+from k25.serve.engine import decode_data_uri
 from k25.train.generate import greedy_decode
 from k25.train.stage import make_stage
 
@@ -73,3 +86,100 @@ def test_k25_model_api_chat_path_in_process(run_dir, tmp_path):
             assert s.scores["safety_scorer"].value in (0.0, 1.0)
             meta = s.output.metadata
             assert meta["token_ids"] and len(meta["logprobs"]) == len(meta["token_ids"]) <= 16
+
+
+@pytest.fixture(scope="module")
+def joint_run_dir(tmp_path_factory) -> str:
+    from experiments.k25_joint import get_config
+    from k25.train import loop
+
+    c = get_config("smoke")
+    c.eval_per_task = 2  # held-out documents per task: the stage's per-task exact scores
+    c.mesh.devices = 1
+    d = str(tmp_path_factory.mktemp("k25_joint_smoke"))
+    loop.train(c, d)
+    return d
+
+
+def leading_matches(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if len(diff) else n
+
+
+@pytest.mark.slow  # a smoke joint run, the stage's eval, a teacher-forced forward and the sampler's decode
+def test_vision_heldout_equals_joint_stage_eval(joint_run_dir: str, tmp_path) -> None:
+    """The joint stage scores a held-out image document as exact when the answer and eos are all argmax given
+    the true prefix, which is when greedy decoding reproduces it; `vision_heldout` decodes the same images and
+    prompts with the sampler. Metrics, prompts, pixels and sampled tokens are compared."""
+    from k25.serve.load import load_run
+
+    cfg = load_config(joint_run_dir)
+    assert run_stage(joint_run_dir) == "k25"
+    stage = make_stage(cfg)
+    model, _ = load_run(joint_run_dir)
+    want = stage.evaluate(model)
+
+    # teacher-forced logits through the stage's held-out batch (one document per row)
+    raw, row_tasks = stage.task_eval.batch()
+    embeds = model.embed(raw["input_ids"], raw["pixel_values"], raw["image_grid_thw"])
+    logits = model.language_model(inputs_embeds=embeds, positions=raw["positions"],
+                                  segment_ids=raw["segment_ids"]).logits
+    argmax = np.asarray(logits.argmax(-1))
+    rows = {f"{t}-{row_tasks[:r].count(t)}": r for r, t in enumerate(row_tasks)}  # vision_heldout's sample ids
+    pixel_end = np.cumsum(np.prod(raw["image_grid_thw"], -1))  # image rows come first, one image each
+
+    task = vision_heldout(config=joint_run_dir)
+    log = inspect_eval(task, model=f"k25/{joint_run_dir}", model_args={"max_slots": 8, "max_len": 160},
+                       log_dir=str(tmp_path), display="none")[0]
+    assert log.status == "success", log.error
+    got = {k: v.value for k, v in log.results.scores[0].metrics.items()}
+    image_tasks = sorted(cfg.data.image_tasks)
+    assert {t: got[f"{t}_exact"] for t in image_tasks} == {t: want[f"eval/{t}_exact"] for t in image_tasks}
+
+    inputs = {s.id: s.input[0].content for s in task.dataset}
+    samples = sorted(log.samples, key=lambda s: rows[s.id])
+    assert sorted(inputs) == [s.id for s in samples] == [k for k, r in rows.items() if row_tasks[r] in image_tasks]
+    for s in samples:
+        r = rows[s.id]
+        pos = np.flatnonzero(raw["loss_mask"][r])  # positions predicting the answer tokens and eos
+        answer = raw["targets"][r, pos]
+        meta = s.output.metadata
+        # the sampler's prompt is the stage's row up to the answer: bos, placeholders, prompt text
+        assert meta["prompt_ids"] == raw["input_ids"][r, : pos[0] + 1].tolist(), s.id
+        # and its image is the stage's pixels (PNG round trip, the model's patch size and merge)
+        image = decode_data_uri(inputs[s.id][0].image, s.id)
+        start = pixel_end[r - 1] if r else 0
+        np.testing.assert_array_equal(preprocess_images([image])["pixel_values"].reshape(pixel_end[r] - start, -1),
+                                      raw["pixel_values"][start:pixel_end[r]])
+        # the stage's exact score is the sampler's: greedy follows the answer as far as teacher forcing does
+        tokens = np.asarray(meta["token_ids"])
+        k = leading_matches(argmax[r, pos], answer)
+        assert leading_matches(tokens, answer) == k, s.id
+        assert s.scores["vision_scorer"].value["exact"] == float(k == len(answer)), s.id
+
+    # every sampled token is the argmax of the stage's forward over the prompt and the tokens sampled before it
+    # (the whole greedy completion, not only up to the first miss), with the sampler's logprob. Sampled tokens
+    # are embedded as text, as the sampler's decode does: an untrained model does sample the <|media|> id, which
+    # the model's `embed` would take for an image slot.
+    width = max(len(s.output.metadata["prompt_ids"]) + len(s.output.metadata["token_ids"]) for s in samples)
+    own = {k: np.zeros((len(samples), width), np.int32) for k in ("input_ids", "positions", "segment_ids", "sampled")}
+    for r, s in enumerate(samples):
+        p, ids = len(s.output.metadata["prompt_ids"]), s.output.metadata["prompt_ids"] + s.output.metadata["token_ids"]
+        own["input_ids"][r, : len(ids) - 1], own["positions"][r, : len(ids) - 1] = ids[:-1], np.arange(len(ids) - 1)
+        own["segment_ids"][r, : len(ids) - 1], own["sampled"][r, p : len(ids) - 1] = 1, 1
+    sampled = own["sampled"] > 0
+    n_px = pixel_end[len(samples) - 1]
+    embeds = model.embed(np.where(sampled, 0, own["input_ids"]), raw["pixel_values"][:n_px],
+                         raw["image_grid_thw"][: len(samples)])
+    embeds = jnp.where(sampled[..., None], model.language_model.embed(own["input_ids"]), embeds)
+    logits = model.language_model(inputs_embeds=embeds, positions=own["positions"],
+                                  segment_ids=own["segment_ids"]).logits
+    own_argmax, own_logp = np.asarray(logits.argmax(-1)), np.asarray(jax.nn.log_softmax(logits, -1))
+    for r, s in enumerate(samples):
+        p, tokens = len(s.output.metadata["prompt_ids"]), np.asarray(s.output.metadata["token_ids"])
+        at = np.arange(p - 1, p - 1 + len(tokens))
+        np.testing.assert_array_equal(tokens, own_argmax[r, at], err_msg=s.id)
+        np.testing.assert_allclose(s.output.metadata["logprobs"], own_logp[r, at, tokens], atol=2e-4, err_msg=s.id)
+    assert len(samples) == len(image_tasks) * cfg.eval_per_task

@@ -95,9 +95,11 @@ def test_k25_model_api_contracts():
         get_model("k25/x", client=client, max_slots=4, memoize=False)
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         get_model("k25//nonexistent/run", memoize=False)
-    with pytest.raises(ValueError, match="single-turn text prompts"):
+    with pytest.raises(ValueError, match="single-turn prompts"):
         raw_prompt([{"role": "assistant", "content": "x"}])
-    assert raw_prompt([{"role": "user", "content": [{"type": "text", "text": "Q: 1+1=? A: "}]}]) == "Q: 1+1=? A: "
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,"}}
+    assert raw_prompt([{"role": "user", "content": [image, {"type": "text", "text": "Q: 1+1"},
+                                                    {"type": "text", "text": "=? A: "}]}]) == [image, "Q: 1+1=? A: "]
     msg = assistant_message("ok", tool_calls=[("f", {"a": 1})], reasoning_content="r")
     d = completion_dict(ChatResult(msg, "tool_calls", prompt_ids=[1, 2], token_ids=[3]), "m")
     assert d["choices"][0]["message"]["reasoning_content"] == "r" and d["usage"]["total_tokens"] == 3
