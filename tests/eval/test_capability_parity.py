@@ -6,7 +6,10 @@ continuation agree. Vision: a k25_joint smoke run is evaluated by the joint stag
 scores and by `vision_heldout` through the sampler (images as media placeholders); the per-task exact metrics
 agree, every prompt is the stage's row token for token, and every sampled token is the argmax (with the sampler's
 logprob) of the stage's forward over the prompt and the tokens before it (a 2-step model misses nearly every
-answer, so equal exact scores alone prove little).
+answer, so equal exact scores alone prove little). Long context: a long_context base smoke run is evaluated by the
+lm stage's retrieval eval (teacher-forced: key digits and eos all argmax) and by `long_context_retrieval` through
+the sampler; the retrieval and multi-key metrics and every probe's score agree, every prompt is the stage's probe
+up to the answer, and every sampled token is the argmax of the plain forward (the smoke model retrieves nothing).
 """
 
 import jax
@@ -15,11 +18,13 @@ import numpy as np
 import pytest
 from flax import nnx
 from inspect_ai import eval as inspect_eval
+from inspect_ai.log import EvalSample
 
 from k25.data.pipeline import make_eval_examples
 from k25.data.preprocess import preprocess_images
 from k25.eval.provider import run_stage
 from k25.eval.tasks.config import load_config
+from k25.eval.tasks.long_context import long_context_retrieval
 from k25.eval.tasks.text import text_heldout
 from k25.eval.tasks.vision import vision_heldout
 from k25.serve.engine import decode_data_uri
@@ -108,6 +113,31 @@ def leading_matches(a: np.ndarray, b: np.ndarray) -> int:
     return int(diff[0]) if len(diff) else n
 
 
+def completion_rows(samples: list[EvalSample]) -> dict[str, np.ndarray]:
+    """A plain forward's inputs that predict every sampled token: one row per sample, its prompt and completion
+    less the last token, right-padded (segment 0); `sampled` marks the completion's tokens among them."""
+    metas = [s.output.metadata for s in samples]
+    width = max(len(m["prompt_ids"]) + len(m["token_ids"]) for m in metas) - 1
+    rows = {k: np.zeros((len(samples), width), np.int32) for k in ("input_ids", "positions", "segment_ids", "sampled")}
+    for r, m in enumerate(metas):
+        ids = m["prompt_ids"] + m["token_ids"]
+        n = len(ids) - 1
+        rows["input_ids"][r, :n], rows["positions"][r, :n], rows["segment_ids"][r, :n] = ids[:-1], np.arange(n), 1
+        rows["sampled"][r, len(m["prompt_ids"]):n] = 1
+    return rows
+
+
+def assert_sampled_argmax(samples: list[EvalSample], logits: jax.Array, atol: float = 2e-4) -> None:
+    """Every sampled token is the argmax of `logits` (the forward over `completion_rows(samples)`) at the
+    position before it, and the sampler's logprob is that forward's log-softmax there."""
+    argmax, logp = np.asarray(logits.argmax(-1)), np.asarray(jax.nn.log_softmax(logits, -1))
+    for r, s in enumerate(samples):
+        p, tokens = len(s.output.metadata["prompt_ids"]), np.asarray(s.output.metadata["token_ids"])
+        at = np.arange(p - 1, p - 1 + len(tokens))
+        np.testing.assert_array_equal(tokens, argmax[r, at], err_msg=s.id)
+        np.testing.assert_allclose(s.output.metadata["logprobs"], logp[r, at, tokens], atol=atol, err_msg=s.id)
+
+
 @pytest.mark.slow  # a smoke joint run, the stage's eval, a teacher-forced forward and the sampler's decode
 def test_vision_heldout_equals_joint_stage_eval(joint_run_dir: str, tmp_path) -> None:
     """The joint stage scores a held-out image document as exact when the answer and eos are all argmax given
@@ -163,23 +193,79 @@ def test_vision_heldout_equals_joint_stage_eval(joint_run_dir: str, tmp_path) ->
     # (the whole greedy completion, not only up to the first miss), with the sampler's logprob. Sampled tokens
     # are embedded as text, as the sampler's decode does: an untrained model does sample the <|media|> id, which
     # the model's `embed` would take for an image slot.
-    width = max(len(s.output.metadata["prompt_ids"]) + len(s.output.metadata["token_ids"]) for s in samples)
-    own = {k: np.zeros((len(samples), width), np.int32) for k in ("input_ids", "positions", "segment_ids", "sampled")}
-    for r, s in enumerate(samples):
-        p, ids = len(s.output.metadata["prompt_ids"]), s.output.metadata["prompt_ids"] + s.output.metadata["token_ids"]
-        own["input_ids"][r, : len(ids) - 1], own["positions"][r, : len(ids) - 1] = ids[:-1], np.arange(len(ids) - 1)
-        own["segment_ids"][r, : len(ids) - 1], own["sampled"][r, p : len(ids) - 1] = 1, 1
+    own = completion_rows(samples)
     sampled = own["sampled"] > 0
     n_px = pixel_end[len(samples) - 1]
     embeds = model.embed(np.where(sampled, 0, own["input_ids"]), raw["pixel_values"][:n_px],
                          raw["image_grid_thw"][: len(samples)])
     embeds = jnp.where(sampled[..., None], model.language_model.embed(own["input_ids"]), embeds)
-    logits = model.language_model(inputs_embeds=embeds, positions=own["positions"],
-                                  segment_ids=own["segment_ids"]).logits
-    own_argmax, own_logp = np.asarray(logits.argmax(-1)), np.asarray(jax.nn.log_softmax(logits, -1))
-    for r, s in enumerate(samples):
-        p, tokens = len(s.output.metadata["prompt_ids"]), np.asarray(s.output.metadata["token_ids"])
-        at = np.arange(p - 1, p - 1 + len(tokens))
-        np.testing.assert_array_equal(tokens, own_argmax[r, at], err_msg=s.id)
-        np.testing.assert_allclose(s.output.metadata["logprobs"], own_logp[r, at, tokens], atol=2e-4, err_msg=s.id)
+    assert_sampled_argmax(samples, model.language_model(inputs_embeds=embeds, positions=own["positions"],
+                                                        segment_ids=own["segment_ids"]).logits)
     assert len(samples) == len(image_tasks) * cfg.eval_per_task
+
+
+@pytest.fixture(scope="module")
+def long_context_run_dir(tmp_path_factory) -> str:
+    from experiments.long_context import get_config
+    from k25.train import loop
+
+    c = get_config("base,smoke")  # retrieval grid: depths 0 and 1, one probe per cell, 3-key multi-key probes
+    c.retrieval_eval.lengths = [128, 256]
+    c.mesh.devices = 1
+    d = str(tmp_path_factory.mktemp("long_context_smoke"))
+    loop.train(c, d)
+    return d
+
+
+@pytest.mark.slow  # a smoke long-context run, the stage's retrieval eval, a teacher-forced forward, the sampler
+def test_long_context_retrieval_equals_stage_eval(long_context_run_dir: str, tmp_path) -> None:
+    """The lm stage scores a probe as retrieved when the key's digits and eos are all argmax given the true
+    prefix; `long_context_retrieval` decodes the same probes greedily with the sampler and asks for the key and a
+    stop. Metrics, prompts, per-probe scores and every sampled token are compared."""
+    from k25.serve.load import load_run
+
+    d = long_context_run_dir
+    cfg = load_config(d)
+    assert run_stage(d) == "lm"
+    stage = make_stage(cfg)
+    model, _ = load_run(d)
+    want = {k: v for k, v in stage.evaluate(model).items() if k.startswith(("eval/retrieval_at_", "eval/multikey_at_"))}
+    assert len(want) == len(cfg.retrieval_eval.lengths) * (2 + len(cfg.retrieval_eval.depths))
+
+    # the stage's probes (one length per batch, in the task's sample order) and their teacher-forced argmax
+    probes, argmax, answers = [], [], []
+    for n in cfg.retrieval_eval.lengths:
+        ids, answer, _ = stage.retrieval.probes(n)
+        logits = model(ids, positions=np.broadcast_to(np.arange(n, dtype=np.int32), ids.shape),
+                       segment_ids=np.ones_like(ids)).logits
+        probes += list(ids)
+        argmax += list(np.asarray(logits.argmax(-1)))
+        answers += list(answer)
+
+    task = long_context_retrieval(config=d)
+    log = inspect_eval(task, model=f"k25/{d}", model_args={"max_slots": 8, "max_len": max(cfg.retrieval_eval.lengths)},
+                       log_dir=str(tmp_path), display="none")[0]
+    assert log.status == "success", log.error
+    got = {k: v.value for k, v in log.results.scores[0].metrics.items()}
+    assert got == {k.removeprefix("eval/"): v for k, v in want.items()}
+
+    rows = {s.id: r for r, s in enumerate(task.dataset)}
+    samples = sorted(log.samples, key=lambda s: rows[s.id])
+    assert [s.id for s in samples] == list(rows) and len(rows) == len(probes)
+    for s in samples:
+        r = rows[s.id]
+        pos = np.flatnonzero(answers[r])  # positions predicting the key's digits and eos
+        meta = s.output.metadata
+        # the sampler's prompt is the stage's probe up to the answer: bos, haystack, question
+        assert meta["prompt_ids"] == probes[r][: pos[0] + 1].tolist(), s.id
+        # greedy follows the key and eos as far as teacher forcing does; retrieved iff all of them are argmax
+        target = probes[r][pos + 1]
+        k = leading_matches(argmax[r][pos], target)
+        assert leading_matches(np.asarray(meta["token_ids"]), target) == k, s.id
+        assert s.scores["retrieval_scorer"].value == float(k == len(pos)), s.id
+
+    # every sampled token is the argmax of the plain forward over the prompt and the tokens sampled before it
+    # (a 3-step model retrieves nothing, so equal scores alone prove little), with the sampler's logprob
+    own = completion_rows(samples)
+    assert_sampled_argmax(samples, model(own["input_ids"], positions=own["positions"],
+                                         segment_ids=own["segment_ids"]).logits)
