@@ -51,6 +51,9 @@ def get_config(arg: str | None = None):
         # k25/model/remat.py) and parked in pinned host memory between a unit's forward and its backward
         c.model.fp8_activations = True
         c.model.remat_offload = True
+        # the stages' regrouped copy of the expert weights in bf16 (they are only used cast to bf16); their
+        # gradients are still summed and regrouped in f32
+        c.pipeline.regroup_in_compute_dtype = True
         # expert all-to-all: each rank pair gets twice its average routed rows instead of the dropless worst
         # case of ep*min(k, E/ep)/k = 16x; the report's system is dropless with ragged buffers, a static-shape
         # plan needs a bound

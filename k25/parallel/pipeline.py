@@ -203,9 +203,11 @@ class _GPipeTick(_Tick):
 class _OneFOneBTick(_Tick):
     """Forward and backward units; the forward's VJP residuals wait in slots for the backward."""
 
-    def __init__(self, *args: Any, offload: bool = False):
+    def __init__(self, *args: Any, offload: bool = False, grad_dtypes: Any = None):
         super().__init__(*args)
         self.offload = offload
+        # the gradient sums' dtype per stage leaf (the stored parameters' when the stages hold a cast copy)
+        self.grad_dtypes = jax.tree.map(lambda a: a.dtype, self.sp) if grad_dtypes is None else grad_dtypes
         x0, side0 = self.x[0], _take(self.side, 0)
         p0, b0 = _take(self.sp, 0), _take(self.sb, 0)
         found: dict[str, Any] = {}
@@ -242,7 +244,8 @@ class _OneFOneBTick(_Tick):
         return {**self.common_init(),
                 "gbuf": jnp.zeros((max(s.g_slots, 1), *x.shape[1:]), x.dtype),
                 "res": [self._to_host(jnp.zeros((max(s.res_slots, 1), *a.shape), a.dtype)) for a in self.res_shapes],
-                "grad": jax.tree.map(jnp.zeros_like, self.sp), "head_grad": jax.tree.map(jnp.zeros_like, self.hp),
+                "grad": jax.tree.map(lambda a, t: jnp.zeros(a.shape, t), self.sp, self.grad_dtypes),
+                "head_grad": jax.tree.map(jnp.zeros_like, self.hp),
                 "dx": jnp.zeros_like(x)}
 
     def forward(self, r: jax.Array, i: jax.Array, x: jax.Array, g: jax.Array, res: list) -> tuple:
@@ -289,7 +292,7 @@ class _OneFOneBTick(_Tick):
         c = dict(self.record(c, row, aux, loss, head_aux),
                  res=[_put(buf, jnp.where(is_fwd, slot, -1), self._to_host(v)) for buf, v in zip(c["res"], stored)],
                  gbuf=_put(c["gbuf"], jnp.where(last, g_slot, -1), dy),
-                 grad=jax.tree.map(lambda acc, d: acc.at[r].add(d), c["grad"], dp),
+                 grad=jax.tree.map(lambda acc, d: acc.at[r].add(d.astype(acc.dtype)), c["grad"], dp),
                  head_grad=jax.tree.map(jnp.add, c["head_grad"], dhp),
                  dx=_put(c["dx"], jnp.where(first, i, -1), dx))
         return c, jnp.where(last, self.zero, y), jnp.where(first, self.zero, dx)
@@ -348,7 +351,7 @@ def _outputs(s: Schedule, out: dict) -> tuple[jax.Array, dict, dict, jax.Array]:
 
 def pipeline_loss(s: Schedule, stage_fn: StageFn, head_fn: HeadFn, stage_params: Any, stage_buffers: Any,
                   head_params: Any, x: jax.Array, side: Any, head_data: Any, storage: tuple[Any, Any] | None = None,
-                  offload: bool = False) -> tuple[jax.Array, dict]:
+                  offload: bool = False, regroup_dtypes: Any = None) -> tuple[jax.Array, dict]:
     """Summed loss over microbatches and aux {stage stats in layer order, head stats, `pipeline/activity`}.
 
     stage_params / stage_buffers: stacked (L, ...) in layer order, L divisible by s.stages * s.virtual.
@@ -357,23 +360,37 @@ def pipeline_loss(s: Schedule, stage_fn: StageFn, head_fn: HeadFn, stage_params:
     `pipeline/activity` (p, ticks) holds the op each stage ran at each tick (schedule.IDLE/FWD/...).
     `storage`: for (stage_params, stage_buffers), each leaf's stored PartitionSpec (see `_to_stages`); None
     leaves it to the partitioner. `offload` (1f1b): the residual slots are kept in pinned host memory.
+    `regroup_dtypes` (1f1b; same structure as stage_params, a dtype or None per leaf): leaves that the stage
+    function only ever uses cast to that dtype are cast *before* the regrouping, so the stages' copy of them
+    (and the all_to_all that builds it) takes that dtype's bytes; their gradients are still summed in the
+    stored dtype and regrouped back in it, so loss and gradients are bit-equal to regrouping the stored leaves.
     """
     p, v = s.stages, s.virtual
     store_p, store_b = storage if storage is not None and p > 1 else (None, None)
-    sp, sb = _to_stages(stage_params, p, v, store_p), _to_stages(stage_buffers, p, v, store_b)
+    sb = _to_stages(stage_buffers, p, v, store_b)
     if s.kind == "gpipe":
-        out = _run(s, _GPipeTick, stage_fn, head_fn, sp, sb, head_params, x, side, head_data)
+        if regroup_dtypes is not None:
+            raise ValueError("regroup_dtypes needs the 1f1b schedule: under gpipe autodiff would sum the "
+                             "cast leaves' gradients in the cast dtype.")
+        out = _run(s, _GPipeTick, stage_fn, head_fn, _to_stages(stage_params, p, v, store_p), sb, head_params,
+                   x, side, head_data)
         loss, aux, head_aux, activity = _outputs(s, out)
         return loss, {**aux, **head_aux, "pipeline/activity": activity}
+    casts = jax.tree.map(lambda _: None, stage_params) if regroup_dtypes is None else regroup_dtypes
+    cast = lambda t: jax.tree.map(lambda d, a: a if d is None else a.astype(d), casts, t,  # noqa: E731
+                                  is_leaf=lambda x: x is None)
+    stored_dtypes = jax.tree.map(lambda a: a.dtype, stage_params)
 
     @jax.custom_vjp
-    def run(sp, hp, x, sb, side, hdata):  # not differentiated: the same loop, gradients dropped
-        return fwd(sp, hp, x, sb, side, hdata)[0]
+    def run(params, hp, x, sb, side, hdata):  # not differentiated: the same loop, gradients dropped
+        return fwd(params, hp, x, sb, side, hdata)[0]
 
-    def fwd(sp, hp, x, sb, side, hdata):
-        tick = functools.partial(_OneFOneBTick, offload=offload)
-        out = _run(s, tick, stage_fn, head_fn, sp, sb, hp, x, side, hdata)
-        grads = (out["grad"], jax.tree.map(lambda a: a[p - 1], out["head_grad"]), out["dx"][0])
+    def fwd(params, hp, x, sb, side, hdata):
+        tick = functools.partial(_OneFOneBTick, offload=offload, grad_dtypes=stored_dtypes)
+        out = _run(s, tick, stage_fn, head_fn, _to_stages(cast(params), p, v, store_p), sb, hp, x, side, hdata)
+        # the gradient sums (stored dtype, stage layout) back to the stored layout: the regrouping's transpose
+        _, back = jax.vjp(lambda t: _to_stages(t, p, v, store_p), params)
+        grads = (back(out["grad"])[0], jax.tree.map(lambda a: a[p - 1], out["head_grad"]), out["dx"][0])
         return _outputs(s, out), grads
 
     def bwd(grads, cts):
@@ -382,5 +399,5 @@ def pipeline_loss(s: Schedule, stage_fn: StageFn, head_fn: HeadFn, stage_params:
         return (*(scale(g) for g in grads), None, None, None)
 
     run.defvjp(fwd, bwd)
-    loss, aux, head_aux, activity = run(sp, head_params, x, sb, side, head_data)
+    loss, aux, head_aux, activity = run(stage_params, head_params, x, sb, side, head_data)
     return loss, {**aux, **head_aux, "pipeline/activity": activity}

@@ -53,6 +53,9 @@ class PipelineSettings:
     virtual: int = 1
     microbatches: int = 1
     schedule: str = "gpipe"
+    # 1f1b: the stages' regrouped copy of the routed-expert weights is built in the compute dtype
+    # (`pipeline.regroup_in_compute_dtype`; see `pipeline_loss`'s `regroup_dtypes`)
+    regroup_in_compute_dtype: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -67,7 +70,8 @@ def pipeline_settings(config: ml_collections.ConfigDict, model_cfg: K2Config) ->
     """Settings from the config; ValueError naming the field and the fix when they cannot work."""
     pipe = config.get("pipeline", ml_collections.ConfigDict())
     s = PipelineSettings(stages=int(config.mesh.pp), virtual=int(pipe.get("virtual_stages", 1)),
-                         microbatches=int(pipe.get("microbatches", 1)), schedule=str(pipe.get("schedule", "gpipe")))
+                         microbatches=int(pipe.get("microbatches", 1)), schedule=str(pipe.get("schedule", "gpipe")),
+                         regroup_in_compute_dtype=bool(pipe.get("regroup_in_compute_dtype", False)))
     sched.validate(s.schedule, s.stages, s.virtual, s.microbatches)
     if not s.enabled:
         return s
@@ -113,6 +117,10 @@ def _storage_specs(state: nnx.State) -> Any:
         return jax.tree.unflatten(treedef, [None] * len(leaves))
     logical = jax.tree.leaves(nnx.get_partition_spec(state), is_leaf=lambda x: isinstance(x, P))
     return jax.tree.unflatten(treedef, [storage_spec(a.shape, tuple(spec), mesh) for a, spec in zip(leaves, logical)])
+
+
+def _keys(path: Any) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", k)) for k in path)
 
 
 def _run_prologue(stacks: list, x: jax.Array, side: tuple, unroll: bool = False
@@ -183,8 +191,13 @@ def pipelined_decoder_loss(model: K2Model, batch: dict, settings: PipelineSettin
         loss, num_tokens = token_loss(project_logits(proj, norm(y)), data["targets"], data["loss_mask"])
         return loss, {"num_tokens": num_tokens}
 
+    regroup_dtypes = None
+    if settings.regroup_in_compute_dtype and settings.schedule == "1f1b":
+        # the routed experts' kernels are only used cast to the rows' (compute) dtype (grouped_gemm)
+        regroup_dtypes = jax.tree_util.tree_map_with_path(
+            lambda path, _: cfg.compute_dtype if "experts" in _keys(path) else None, params)
     loss, aux = pipeline_loss(settings.build(), stage_fn, head_fn, params, buffers, head_params, x, side, data,
-                              storage=storage, offload=cfg.remat_offload)
+                              storage=storage, offload=cfg.remat_offload, regroup_dtypes=regroup_dtypes)
     out = {"num_tokens": aux["num_tokens"],
            "max_attn_logits": jnp.concatenate([*max_logits, aux["max_attn_logits"]], 0),
            "expert_counts": jnp.concatenate([*counts, aux["expert_counts"]], 0),
