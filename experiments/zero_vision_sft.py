@@ -26,7 +26,12 @@ from k25.train.sft_eval import default_agent_eval_config
 
 ARGS = ("zero_vision", "text_vision", "none", "base", "smoke")
 BASE_DIR = "/tmp/zv/base"
-CONVERSATIONS = 400  # the SFT budget of both arms (conversations generated; steps x batch draws ~ one epoch)
+CONVERSATIONS = 400  # the SFT budget of both arms (conversations generated; 400 steps x batch 4 draws ~ 4 epochs)
+# 400 steps, not 100: after 100 steps p(<|tool_calls_section_begin|>) at the first assistant position is ~0.06 even
+# on the arms' own training prompts (no tool call possible); after 400 both arms open a call on every held-out
+# image task, and an arm takes ~9 min (517-550 s) on 2 shared CPU cores (BUILD_NOTES.md, zero-vision SFT,
+# "Longer budget").
+STEPS = 400
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -49,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.agent_eval.max_new_tokens = 256
     c.batch_size = 4
     c.seq_len = 1024
-    c.total_steps = 100
+    c.total_steps = STEPS
     c.log_every = 10
     c.eval_every = 0  # at the end (and at the start)
     c.eval_at_start = True
