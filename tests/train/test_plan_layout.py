@@ -27,8 +27,9 @@ def test_k2_full_layout_lowers_on_512_emulated_devices(tmp_path):
     assert plan["param_bytes_per_device"] < 30e9
     # selective recomputation + FP8 residuals + 1F1B slots in host memory (the layout's defaults). XLA:CPU has one
     # memory space, so the host share is accounted (plan.json `memory_accounting`). Measured with the stages'
-    # expert weights regrouped in bf16: 147.0 GB device, 119.2 GB host, 261.2 GB compiled per device; the 80 GB
-    # target is NOT met yet (BUILD_NOTES.md, K2 layout memory), so this guards the measured figure.
+    # expert weights regrouped in bf16 and Newton-Schulz in place: 139.1 GB device, 119.2 GB host, 253.3 GB
+    # compiled per device; the 80 GB target is NOT met yet (BUILD_NOTES.md, K2 layout memory), so this guards
+    # the measured figure.
     assert plan["memory_accounting"] and plan["host_bytes_per_device"] > 100e9
-    assert plan["peak_bytes_per_device"] < plan["compiled_peak_bytes_per_device"] < 265e9
-    assert plan["peak_bytes_per_device"] <= 150e9, plan
+    assert plan["peak_bytes_per_device"] < plan["compiled_peak_bytes_per_device"] < 256e9
+    assert plan["peak_bytes_per_device"] <= 141e9, plan
