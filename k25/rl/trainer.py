@@ -214,10 +214,8 @@ class RLStage(TextLMStage):
     def step_config(self) -> StepConfig:
         if not self.multimodal:
             return super().step_config()
-        c = self.config
-        return StepConfig(accum_steps=c.optim.accum_steps, qk_clip_tau=c.optim.qk_clip_tau,
-                          bias_update_rate=float(c.get("bias_update_rate", self.text_cfg.bias_update_rate)),
-                          text_cfg=self.text_cfg, text_path=("language_model",))
+        return StepConfig.for_decoder(self.config, self.text_cfg, accum_steps=int(self.config.optim.accum_steps),
+                                      multimodal=True)
 
     # ----------------------------------------------------------------------------------------- pieces
     def make_env(self) -> AgentEnv:
@@ -379,12 +377,14 @@ class RLStage(TextLMStage):
         for name, src in self.sources.items():
             mine = [(e, r) for e, r in zip(eps, rewards) if e.task["id"].startswith(f"eval/{name}:")]
             out[f"eval/{name}_accuracy"] = float(np.mean([r for _, r in mine])) if mine else 0.0
+            if not mine or not (hasattr(src, "eval_metrics") or hasattr(src, "grade")):
+                continue  # the reply text is only parsed for a task that scores it itself
             replies = [self.fmt.parse(e.ids[e.turn_start:]).get("content") or "" if e.status == "done" else ""
                        for e, _ in mine]
-            if mine and hasattr(src, "eval_metrics"):  # a task's own held-out figures (safety: refusal rates)
+            if hasattr(src, "eval_metrics"):  # a task's own held-out figures (safety: refusal rates)
                 metrics = src.eval_metrics([e.task["target"] for e, _ in mine], replies)
                 out.update({f"eval/{k}": v for k, v in metrics.items()})
-            if mine and hasattr(src, "grade"):  # strict right/wrong beside a partial-credit reward (vision)
+            if hasattr(src, "grade"):  # strict right/wrong beside a partial-credit reward (vision)
                 grades = [src.grade(e.task, r) for (e, _), r in zip(mine, replies)]
                 out[f"eval/{name}_solved"] = float(np.mean(grades))
                 solved += grades

@@ -239,11 +239,8 @@ class SFTStage:
         return self._loss(model, batch) if self.multimodal else lm_loss(model, batch)
 
     def step_config(self) -> StepConfig:
-        c = self.config
-        return StepConfig(accum_steps=self.accum_steps, qk_clip_tau=c.optim.qk_clip_tau,
-                          bias_update_rate=float(c.get("bias_update_rate", self.text_cfg.bias_update_rate)),
-                          text_cfg=self.text_cfg,
-                          text_path=("language_model",) if self.multimodal else ())
+        return StepConfig.for_decoder(self.config, self.text_cfg, accum_steps=self.accum_steps,
+                                      multimodal=self.multimodal)
 
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         s = self.config.seq_len

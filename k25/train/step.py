@@ -39,6 +39,15 @@ class StepConfig:
     text_cfg: K2Config | None = None  # the K2 decoder's config (None: the model has no K2 decoder)
     text_path: tuple[str, ...] = ()  # where the K2 decoder's parameters sit in the params tree
 
+    @classmethod
+    def for_decoder(cls, config: Any, text_cfg: K2Config, *, accum_steps: int, multimodal: bool) -> StepConfig:
+        """The step of a stage training a K2 decoder, alone or inside a K25Model (`language_model`); a run's
+        top-level `config.bias_update_rate` overrides the model's (the sft and rl stages start from a model
+        whose config they do not own)."""
+        return cls(accum_steps=accum_steps, qk_clip_tau=config.optim.qk_clip_tau,
+                   bias_update_rate=float(config.get("bias_update_rate", text_cfg.bias_update_rate)),
+                   text_cfg=text_cfg, text_path=("language_model",) if multimodal else ())
+
 
 def _subtree(tree: dict, path: tuple[str, ...]) -> dict:
     for p in path:
