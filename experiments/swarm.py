@@ -18,6 +18,16 @@ ARG:
   parl_no_finish    the same without r_finish (λ2 = 0): the spurious-parallelism ablation.
   smoke             a few PARL steps of a smaller model, for tests (no init_from needed).
 
+The contention setting (`config.parl.contention`, k25.swarm.parl.Contention: each subagent of a wave of m
+fails with probability 0.2 · max(0, m − 4)), where the task reward alone is best at a moderate width, the
+widest swarms lose to it and the narrowest are worse than serial, so the ablations' failure modes can show:
+  swarm_contention             the scripted orchestrator under contention, no training.
+  warmup_serial                `warmup` with a more serial behaviour mixture (serial 0.8, else k uniform in 1..9).
+  parl_contention              PARL under contention from `init_from` (a `warmup_serial` run), parallel_target 12.
+  parl_contention_no_parallel  the same without r_parallel (λ1 = 0).
+  parl_contention_no_finish    the same without r_finish (λ2 = 0).
+  `python -m experiments.swarm landscape [ARG]` prints the held-out task reward per width under ARG's setting.
+
 Every run logs `eval/item_f1`, `eval/row_f1`, `eval/critical_steps` (mean per episode) and
 `eval/subagents_per_episode` over every held-out task (12) under every budget (16, 24, 40 critical steps).
 """
@@ -39,9 +49,10 @@ def _model(c: ml_collections.ConfigDict, hidden: int = 64, layers: int = 2) -> N
     c.data.sources = {"parl_width": 1.0}
 
 
-def warmup_config() -> ml_collections.ConfigDict:
+def warmup_config(serial_fraction: float = 0.5) -> ml_collections.ConfigDict:
     c = base_config()
     _model(c)
+    c.data.synthetic.parl_width = ml_collections.ConfigDict({"serial_fraction": serial_fraction})
     c.total_steps, c.batch_size, c.seq_len = 200, 32, 32
     c.log_every, c.eval_every, c.checkpoint_every = 50, 0, 200
     c.optim.lr, c.optim.warmup_steps = 3e-3, 20
@@ -77,6 +88,16 @@ def parl_config(lambda1: float = 0.3, lambda2: float = 0.3) -> ml_collections.Co
     return c
 
 
+def contention_config(lambda1: float = 0.3, lambda2: float = 0.3) -> ml_collections.ConfigDict:
+    """`parl_config` with unreliable subagents (see the module docstring). parallel_target 12 (the most
+    subagents a width-9 swarm launches with its retries) keeps r_parallel growing past the task reward's best
+    width, so without r_finish it can pull toward wide swarms whose subagents fail."""
+    c = parl_config(lambda1, lambda2)
+    c.parl.contention.rate, c.parl.contention.free = 0.2, 4
+    c.parl.reward.parallel_target = 12
+    return c
+
+
 def baseline_config(policy: str) -> ml_collections.ConfigDict:
     c = parl_config()
     c.parl.policy = policy
@@ -97,6 +118,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         return parl_config(lambda1=0.0)
     if arg == "parl_no_finish":
         return parl_config(lambda2=0.0)
+    if arg == "warmup_serial":  # the report's collapse starts from an orchestrator that rarely parallelises
+        return warmup_config(serial_fraction=0.8)
+    if arg == "swarm_contention":
+        c = contention_config()
+        c.parl.policy, c.total_steps, c.async_checkpoints = "scripted", 0, False
+        return c
+    if arg == "parl_contention":
+        return contention_config()
+    if arg == "parl_contention_no_parallel":
+        return contention_config(lambda1=0.0)
+    if arg == "parl_contention_no_finish":
+        return contention_config(lambda2=0.0)
     if arg == "smoke":
         c = parl_config()
         _model(c, hidden=32, layers=1)
@@ -110,7 +143,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.progress_bar = False
         return c
     raise ValueError(f"swarm: unknown ARG {arg!r}; use single, swarm, warmup, parl, parl_no_parallel, "
-                     "parl_no_finish or smoke.")
+                     "parl_no_finish, smoke, swarm_contention, warmup_serial, parl_contention, "
+                     "parl_contention_no_parallel or parl_contention_no_finish.")
 
 
 def plot(out: str, run_dirs: list[str]) -> None:
@@ -124,7 +158,54 @@ def plot(out: str, run_dirs: list[str]) -> None:
     plot_runs(out, run_dirs, keys, xlabel="training step", figsize=(14, 7))
 
 
-if __name__ == "__main__":
-    from k25.train.metrics import plot_cli
+def landscape(arg: str = "parl") -> list[dict]:
+    """What each width earns under ARG's setting with the frozen scripted policies (no model): per width, the
+    means over every held-out task and budget of item F1, critical steps, subagents launched and the finished
+    fraction of those (over episodes that launched any), and item F1 per budget."""
+    import asyncio
+    import dataclasses
 
-    plot_cli("experiments.swarm", plot)
+    import numpy as np
+
+    from k25.swarm.config import SwarmConfig
+    from k25.swarm.parl import WIDTHS, Contention, run_width
+    from k25.swarm.tasks import SwarmEnv
+
+    p = get_config(arg).parl
+    env = SwarmEnv(int(p.world_seed))
+    tools, tasks = env.tools(), env.tasks("wide_search", "heldout")
+    contention, base = Contention(**p.contention.to_dict()), SwarmConfig.for_benchmark(p.benchmark)
+
+    async def episodes(width: int, budget: int):
+        cfg = dataclasses.replace(base, max_critical_steps=budget)
+        return await asyncio.gather(*(run_width(t, tools, width, cfg, contention) for t in tasks))
+
+    out = []
+    for w in WIDTHS:
+        f1, steps, subs, fin, by_budget = [], [], [], [], {}
+        for b in p.budgets:
+            traces = asyncio.run(episodes(w, int(b)))
+            scores = [t.score(tr.answer)["item_f1"] for t, tr in zip(tasks, traces)]
+            by_budget[int(b)] = float(np.mean(scores))
+            f1 += scores
+            steps += [tr.critical_steps for tr in traces]
+            subs += [len(tr.subagents) for tr in traces]
+            fin += [np.mean([r["status"] == "done" for r in tr.subagents]) for tr in traces if tr.subagents]
+        out.append({"width": w, "item_f1": float(np.mean(f1)), "critical_steps": float(np.mean(steps)),
+                    "subagents": float(np.mean(subs)), "finished": float(np.mean(fin)) if fin else float("nan"),
+                    "item_f1_by_budget": by_budget})
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["landscape"]:
+        for row in landscape(*sys.argv[2:3]):
+            per = " / ".join(f"{v:.2f}" for v in row["item_f1_by_budget"].values())
+            print(f"k={row['width']} item_f1={row['item_f1']:.2f} critical_steps={row['critical_steps']:.1f} "
+                  f"subagents={row['subagents']:.1f} finished={row['finished']:.2f} item_f1_by_budget={per}")
+    else:
+        from k25.train.metrics import plot_cli
+
+        plot_cli("experiments.swarm", plot)

@@ -20,6 +20,8 @@ is left of it.
 from __future__ import annotations
 
 import dataclasses
+import random
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -158,8 +160,66 @@ def parse_width(text: str) -> int | None:
     return int(text) if len(text) == 1 and text.isdigit() else None
 
 
-async def run_width(task: SwarmTask, tools: Sequence[Tool], width: int, config: SwarmConfig):
-    """One episode of `task` with the orchestrator's width choice (see above); returns the runtime's trace."""
+@dataclasses.dataclass(frozen=True)
+class Contention:
+    """Unreliable frozen subagents: each subagent of a wave of m launches loses its final answer (its backend
+    raises, which the runtime reports to the orchestrator as a failed task) with probability
+    p(m) = min(1, rate · max(0, m − free)). Shared resources (rate limits, tool backends) degrade with the
+    number of concurrent callers, so the widest swarm is no longer the best one for the task reward alone,
+    which is where the ablations' failure modes can show. `rate = 0` (the default) is off. The draws are
+    seeded by (seed, task, budget, width, wave, call), so an episode is reproducible and memoisable."""
+
+    rate: float = 0.0  # failure probability added per subagent launched beyond `free` in one wave
+    free: int = 3  # subagents a wave can launch without contention
+    seed: int = 0  # the episodes' seed
+
+    def __post_init__(self):
+        if self.rate < 0 or self.free < 0:
+            raise ValueError(f"Contention.rate and free must be >= 0, got {self.rate}, {self.free}")
+
+    def p_fail(self, launched: int) -> float:
+        """Failure probability of each subagent of a wave that launched `launched`."""
+        return min(1.0, self.rate * max(0, launched - self.free))
+
+    def fails(self, key: str, wave: int, index: int, launched: int) -> bool:
+        """Whether call `index` of wave `wave` (of `launched` calls) in episode `key` fails."""
+        u = random.Random(zlib.crc32(f"{self.seed}/{key}/{wave}/{index}".encode())).random()
+        return u < self.p_fail(launched)
+
+
+def contended_clients(policy: Callable, contention: Contention, key: str):
+    """(orchestrator, subagent) clients around one scripted policy for an episode named `key`: the
+    orchestrator's `assign_task` turns open waves; a subagent run that `contention` fails raises on its final
+    answer, after doing its reads, so its steps still count and the runtime reports the failure."""
+    from k25.infer.client import ScriptedClient
+    from k25.swarm.policies import tool_history
+
+    wave: dict[str, Any] = {"index": -1, "prompts": []}
+
+    def orchestrator(messages, tools):
+        out = policy(messages, tools)
+        calls = [] if isinstance(out, str) else tool_history([{"role": "assistant", **out}])
+        prompts = [a.get("prompt", "") for name, a, _ in calls if name == "assign_task"]
+        if prompts:
+            wave.update(index=wave["index"] + 1, prompts=prompts)
+        return out
+
+    def subagent(messages, tools):
+        out = policy(messages, tools)
+        prompts = wave["prompts"]
+        if (isinstance(out, str) or not out.get("tool_calls")) and messages[1]["content"] in prompts:
+            i = prompts.index(messages[1]["content"])
+            if contention.fails(key, wave["index"], i, len(prompts)):
+                raise RuntimeError(f"contention: {len(prompts)} subagents in this wave, the answer was lost")
+        return out
+
+    return ScriptedClient(orchestrator), ScriptedClient(subagent)
+
+
+async def run_width(task: SwarmTask, tools: Sequence[Tool], width: int, config: SwarmConfig,
+                    contention: Contention | None = None):
+    """One episode of `task` with the orchestrator's width choice (see above); returns the runtime's trace.
+    With `contention` (rate > 0), the subagents are unreliable as `Contention` describes."""
     from k25.infer.client import ScriptedClient
     from k25.swarm.orchestrator import run_single, run_swarm
     from k25.swarm.policies import scripted_policy
@@ -170,8 +230,13 @@ async def run_width(task: SwarmTask, tools: Sequence[Tool], width: int, config: 
     if width == 0:  # serial: the scripted agent answers with what it has when the budget runs out
         client = ScriptedClient(scripted_policy(worker_budget=config.max_critical_steps))
         return await run_single(task.prompt, agent=client, tools=tools, config=config)
-    client = ScriptedClient(scripted_policy(per_agent=-(-n // width)))
-    return await run_swarm(task.prompt, orchestrator=client, subagent=client, tools=tools, config=config)
+    policy = scripted_policy(per_agent=-(-n // width))
+    if contention is not None and contention.rate > 0:
+        key = f"{task.task_id}/{config.max_critical_steps}/{width}"
+        orchestrator, subagent = contended_clients(policy, contention, key)
+    else:
+        orchestrator = subagent = ScriptedClient(policy)
+    return await run_swarm(task.prompt, orchestrator=orchestrator, subagent=subagent, tools=tools, config=config)
 
 
 def width_rl_task(task: SwarmTask, budget: int) -> Task:
@@ -200,12 +265,14 @@ class ParlWidthEnv(AgentEnv):
 
     def __init__(self, fmt: TurnFormat, tasks: Mapping[str, SwarmTask], tools: Sequence[Tool], *,
                  swarm_config: SwarmConfig | None = None, reward: ParlRewardConfig | None = None,
-                 step_fn: Callable[[], int] = lambda: 0, cache: dict | None = None) -> None:
+                 step_fn: Callable[[], int] = lambda: 0, cache: dict | None = None,
+                 contention: Contention | None = None) -> None:
         super().__init__(fmt, self._no_judge, None, max_turns=1)
         self.swarm_tasks, self.env_tools = dict(tasks), list(tools)
         # the frozen scripted subagents and orchestrator are deterministic, so an episode's stages and scores
-        # depend only on (task, budget, width): envs may share a memo of them (None: run every episode)
-        self.cache = cache
+        # depend only on (task, budget, width) (contention draws are seeded by them too): envs with the same
+        # contention may share a memo of them (None: run every episode)
+        self.cache, self.contention = cache, contention
         self.swarm_config = swarm_config or SwarmConfig()
         self.reward_config, self.step_fn = reward or ParlRewardConfig(), step_fn
 
@@ -231,7 +298,7 @@ class ParlWidthEnv(AgentEnv):
                 stages, scores = self.cache[key]
             else:
                 cfg = dataclasses.replace(self.swarm_config, max_critical_steps=budget)
-                trace = await run_width(task, self.env_tools, width, cfg)
+                trace = await run_width(task, self.env_tools, width, cfg, self.contention)
                 stages, scores = trace.stages, task.score(trace.answer)
                 if self.cache is not None:
                     self.cache[key] = (stages, scores)

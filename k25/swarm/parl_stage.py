@@ -34,7 +34,15 @@ from k25.rl.rollout import EnvPool, RolloutManager, SamplerPolicy
 from k25.rl.trainer import RLIterator, RLStage, default_rl_config
 from k25.swarm.config import SwarmConfig
 from k25.swarm.orchestrator import run_swarm
-from k25.swarm.parl import ParlRewardConfig, ParlWidthEnv, episode_reward, run_width, width_rl_task
+from k25.swarm.parl import (
+    Contention,
+    ParlRewardConfig,
+    ParlWidthEnv,
+    contended_clients,
+    episode_reward,
+    run_width,
+    width_rl_task,
+)
 from k25.swarm.policies import scripted_policy
 
 POLICIES = ("model", "serial", "scripted")
@@ -50,6 +58,8 @@ def default_parl_config() -> ml_collections.ConfigDict:
     p.budgets = (16, 24, 40)  # critical-step budgets tasks are drawn under
     p.benchmark = "widesearch"  # Appendix E step limits (orchestrator / subagent)
     p.reward = ml_collections.ConfigDict(dataclasses.asdict(ParlRewardConfig()))
+    # unreliable subagents (k25.swarm.parl.Contention; rate 0 = off): the setting for the ablations
+    p.contention = ml_collections.ConfigDict(dataclasses.asdict(Contention()))
     return p
 
 
@@ -77,6 +87,7 @@ class ParlStage(RLStage):
         if not self.budgets or min(self.budgets) < 1:
             raise ValueError(f"config.parl.budgets={p.budgets}: a non-empty list of positive critical-step budgets")
         self.reward_cfg = ParlRewardConfig(**p.reward.to_dict())
+        self.contention = Contention(**p.contention.to_dict()) if "contention" in p else Contention()
         self.swarm_cfg = SwarmConfig.for_benchmark(p.benchmark)
         self.current_step = 0  # the trainer step of the weights in the sampler (λ annealing)
         self.episodes: dict = {}  # (task, budget, width) -> (stages, scores): the frozen policies are deterministic
@@ -97,7 +108,7 @@ class ParlStage(RLStage):
     def make_env(self) -> ParlWidthEnv:
         tools, _, _, by_id = self.world
         return ParlWidthEnv(self.fmt, by_id, tools, swarm_config=self.swarm_cfg, reward=self.reward_cfg,
-                            step_fn=lambda: self.current_step, cache=self.episodes)
+                            step_fn=lambda: self.current_step, cache=self.episodes, contention=self.contention)
 
     def task(self, index: int, seed: int) -> Task:
         """The `index`-th training (task, budget) pair of stream `seed`."""
@@ -126,8 +137,12 @@ class ParlStage(RLStage):
         if self.config.parl.policy == "serial":
             trace, width = await run_width(st, tools, 0, cfg), 0
         else:
-            client = ScriptedClient(scripted_policy())
-            trace = await run_swarm(st.prompt, orchestrator=client, subagent=client, tools=tools, config=cfg)
+            policy = scripted_policy()
+            if self.contention.rate > 0:
+                orchestrator, subagent = contended_clients(policy, self.contention, f"{st.task_id}/{budget}/scripted")
+            else:
+                orchestrator = subagent = ScriptedClient(policy)
+            trace = await run_swarm(st.prompt, orchestrator=orchestrator, subagent=subagent, tools=tools, config=cfg)
             width = len(trace.subagents)
         return episode_reward(trace.stages, st.score(trace.answer), self.current_step, self.reward_cfg, width)
 
