@@ -105,11 +105,59 @@ def _to_stages(tree: Any, p: int, v: int, storage: Any = None) -> Any:
         def body(x):  # (v, p, n, ..., D/p, ...) -> (1, v, n, ..., D, ...)
             return jnp.swapaxes(jax.lax.all_to_all(x, PP, 1, k, tiled=True), 0, 1)
 
-        out_rest = tuple(None if part == PP else part for part in rest)
-        return jax.shard_map(body, in_specs=P(None, None, None, *rest), out_specs=P(PP, None, None, *out_rest))(a)
+        return jax.shard_map(body, in_specs=P(None, None, None, *rest),
+                             out_specs=P(PP, None, None, *_stage_rest(rest)))(a)
 
     specs = jax.tree.map(lambda _: None, tree) if storage is None else storage
     return jax.tree.map(regroup, tree, specs, is_leaf=lambda x: x is None)
+
+
+def _stage_rest(rest: tuple, d: int | None = None, axis: str | None = None) -> tuple:
+    """A stored leaf's non-layer specs on its stage (the `pp` dimension whole), with `axis` on dimension d."""
+    return tuple(axis if j == d else (None if part == PP else part) for j, part in enumerate(rest))
+
+
+def grad_shard_dims(stage_params: Any, storage: Any, axis: str) -> Any:
+    """Per stage leaf, the non-layer dimension (index into shape[1:]) on which the 1F1B loop keeps its gradient
+    sum sharded over the auto mesh axis `axis`, or None: only leaves the pipeline regroups by all_to_all
+    (stored with `pp` off the layer axis), on their largest dimension that is unsharded and divisible."""
+    mesh = jax.sharding.get_abstract_mesh()
+    size = 0 if mesh.empty or axis not in mesh.axis_names else mesh.shape[axis]
+
+    def pick(a: Any, spec: P | None) -> int | None:
+        rest = tuple(spec)[1:] if spec is not None else ()
+        if size < 2 or PP not in rest:
+            rest = ()
+        free = [j for j in range(len(a.shape) - 1)
+                if (j >= len(rest) or rest[j] is None) and a.shape[1 + j] % size == 0] if rest else []
+        return max(free, key=lambda j: (a.shape[1 + j], j)) if free else None
+
+    specs = jax.tree.map(lambda _: None, stage_params) if storage is None else storage
+    return jax.tree.map(pick, stage_params, specs, is_leaf=lambda x: x is None)
+
+
+def _grads_from_stages(grads: Any, params: Any, p: int, v: int, storage: Any, dims: Any, axis: str) -> Any:
+    """Gradient sums in the stage layout (p, v, n, ...) -> the stored layout (L, ...) of `params`: the
+    transpose of `_to_stages`, except that a leaf with a dimension in `dims` stays sharded over `axis` on it
+    throughout (the reverse all_to_all runs on the sharded blocks), so its full sum is never built on a device."""
+    def back(g: jax.Array, a: jax.Array, spec: P | None, d: int | None) -> jax.Array:
+        if d is None:
+            _, vjp = jax.vjp(lambda t: _to_stages(t, p, v, spec), a)
+            return vjp(g)[0]
+        rest = tuple(spec)[1:]
+        rest = rest + (None,) * (g.ndim - 3 - len(rest))
+        k = 3 + rest.index(PP)
+
+        def body(x):  # (1, v, n, ..., D, ...) -> (v, p, n, ..., D/p, ...)
+            return jax.lax.all_to_all(jnp.swapaxes(x, 0, 1), PP, k, 1, tiled=True)
+
+        out = jax.shard_map(body, in_specs=P(PP, None, None, *_stage_rest(rest, d, axis)),
+                            out_specs=P(None, None, None, *tuple(axis if j == d else part
+                                                                  for j, part in enumerate(rest))))(g)
+        return out.reshape(-1, *out.shape[3:])
+
+    specs = jax.tree.map(lambda _: None, grads) if storage is None else storage
+    return jax.tree.map(back, grads, params, specs, dims, is_leaf=lambda x: x is None)
 
 
 def _from_stages(tree: Any) -> Any:
@@ -203,9 +251,11 @@ class _GPipeTick(_Tick):
 class _OneFOneBTick(_Tick):
     """Forward and backward units; the forward's VJP residuals wait in slots for the backward."""
 
-    def __init__(self, *args: Any, offload: bool = False, grad_dtypes: Any = None):
+    def __init__(self, *args: Any, offload: bool = False, grad_dtypes: Any = None, grad_specs: Any = None):
         super().__init__(*args)
         self.offload = offload
+        # per stage leaf, a PartitionSpec (auto axes) its gradient sum is kept in, or None (see `pipeline_loss`)
+        self.grad_specs = jax.tree.map(lambda _: None, self.sp) if grad_specs is None else grad_specs
         # the gradient sums' dtype per stage leaf (the stored parameters' when the stages hold a cast copy)
         self.grad_dtypes = jax.tree.map(lambda a: a.dtype, self.sp) if grad_dtypes is None else grad_dtypes
         x0, side0 = self.x[0], _take(self.side, 0)
@@ -233,6 +283,10 @@ class _OneFOneBTick(_Tick):
     def _to_device(self, a: jax.Array) -> jax.Array:
         return jax.device_put(a, jax.memory.Space.Device) if self.offload else a
 
+    def _constrain(self, grads: Any) -> Any:
+        return jax.tree.map(lambda g, spec: g if spec is None else jax.lax.with_sharding_constraint(g, spec),
+                            grads, self.grad_specs, is_leaf=lambda x: x is None)
+
     @staticmethod
     def _param_positions(p: Any, leaves: list) -> tuple[int, ...]:
         """For each VJP residual leaf, the index of the parameter leaf it is (identity), else -1."""
@@ -244,7 +298,7 @@ class _OneFOneBTick(_Tick):
         return {**self.common_init(),
                 "gbuf": jnp.zeros((max(s.g_slots, 1), *x.shape[1:]), x.dtype),
                 "res": [self._to_host(jnp.zeros((max(s.res_slots, 1), *a.shape), a.dtype)) for a in self.res_shapes],
-                "grad": jax.tree.map(lambda a, t: jnp.zeros(a.shape, t), self.sp, self.grad_dtypes),
+                "grad": self._constrain(jax.tree.map(lambda a, t: jnp.zeros(a.shape, t), self.sp, self.grad_dtypes)),
                 "head_grad": jax.tree.map(jnp.zeros_like, self.hp),
                 "dx": jnp.zeros_like(x)}
 
@@ -292,7 +346,7 @@ class _OneFOneBTick(_Tick):
         c = dict(self.record(c, row, aux, loss, head_aux),
                  res=[_put(buf, jnp.where(is_fwd, slot, -1), self._to_host(v)) for buf, v in zip(c["res"], stored)],
                  gbuf=_put(c["gbuf"], jnp.where(last, g_slot, -1), dy),
-                 grad=jax.tree.map(lambda acc, d: acc.at[r].add(d.astype(acc.dtype)), c["grad"], dp),
+                 grad=self._constrain(jax.tree.map(lambda acc, d: acc.at[r].add(d.astype(acc.dtype)), c["grad"], dp)),
                  head_grad=jax.tree.map(jnp.add, c["head_grad"], dhp),
                  dx=_put(c["dx"], jnp.where(first, i, -1), dx))
         return c, jnp.where(last, self.zero, y), jnp.where(first, self.zero, dx)
@@ -351,7 +405,8 @@ def _outputs(s: Schedule, out: dict) -> tuple[jax.Array, dict, dict, jax.Array]:
 
 def pipeline_loss(s: Schedule, stage_fn: StageFn, head_fn: HeadFn, stage_params: Any, stage_buffers: Any,
                   head_params: Any, x: jax.Array, side: Any, head_data: Any, storage: tuple[Any, Any] | None = None,
-                  offload: bool = False, regroup_dtypes: Any = None) -> tuple[jax.Array, dict]:
+                  offload: bool = False, regroup_dtypes: Any = None, grad_shard_axis: str | None = None
+                  ) -> tuple[jax.Array, dict]:
     """Summed loss over microbatches and aux {stage stats in layer order, head stats, `pipeline/activity`}.
 
     stage_params / stage_buffers: stacked (L, ...) in layer order, L divisible by s.stages * s.virtual.
@@ -364,11 +419,16 @@ def pipeline_loss(s: Schedule, stage_fn: StageFn, head_fn: HeadFn, stage_params:
     function only ever uses cast to that dtype are cast *before* the regrouping, so the stages' copy of them
     (and the all_to_all that builds it) takes that dtype's bytes; their gradients are still summed in the
     stored dtype and regrouped back in it, so loss and gradients are bit-equal to regrouping the stored leaves.
+    `grad_shard_axis` (1f1b; an auto mesh axis, `dp`): the stages' gradient sums of the leaves regrouped by
+    all_to_all are kept sharded over it (`grad_shard_dims`), in the tick loop (each unit's gradient is
+    reduce-scattered instead of all-reduced: ZeRO-2) and through the regrouping back to the stored layout.
     """
     p, v = s.stages, s.virtual
     store_p, store_b = storage if storage is not None and p > 1 else (None, None)
     sb = _to_stages(stage_buffers, p, v, store_b)
     if s.kind == "gpipe":
+        if grad_shard_axis is not None:
+            raise ValueError("grad_shard_axis needs the 1f1b schedule: under gpipe autodiff owns the gradients.")
         if regroup_dtypes is not None:
             raise ValueError("regroup_dtypes needs the 1f1b schedule: under gpipe autodiff would sum the "
                              "cast leaves' gradients in the cast dtype.")
@@ -385,12 +445,26 @@ def pipeline_loss(s: Schedule, stage_fn: StageFn, head_fn: HeadFn, stage_params:
     def run(params, hp, x, sb, side, hdata):  # not differentiated: the same loop, gradients dropped
         return fwd(params, hp, x, sb, side, hdata)[0]
 
+    dims = jax.tree.map(lambda _: None, stage_params)
+    if grad_shard_axis is not None and p > 1:
+        dims = grad_shard_dims(stage_params, store_p, grad_shard_axis)
+
+    def stage_grad_spec(spec: P | None, d: int | None) -> P | None:
+        return None if d is None else P(None, None, *_stage_rest(tuple(spec)[1:], d, grad_shard_axis))
+
+    specs_p = jax.tree.map(lambda _: None, stage_params) if store_p is None else store_p
+    grad_specs = jax.tree.map(stage_grad_spec, specs_p, dims, is_leaf=lambda x: x is None)
+
     def fwd(params, hp, x, sb, side, hdata):
-        tick = functools.partial(_OneFOneBTick, offload=offload, grad_dtypes=stored_dtypes)
+        tick = functools.partial(_OneFOneBTick, offload=offload, grad_dtypes=stored_dtypes, grad_specs=grad_specs)
         out = _run(s, tick, stage_fn, head_fn, _to_stages(cast(params), p, v, store_p), sb, hp, x, side, hdata)
         # the gradient sums (stored dtype, stage layout) back to the stored layout: the regrouping's transpose
-        _, back = jax.vjp(lambda t: _to_stages(t, p, v, store_p), params)
-        grads = (back(out["grad"])[0], jax.tree.map(lambda a: a[p - 1], out["head_grad"]), out["dx"][0])
+        if grad_shard_axis is None or p == 1:
+            _, back = jax.vjp(lambda t: _to_stages(t, p, v, store_p), params)
+            stage_grads = back(out["grad"])[0]
+        else:
+            stage_grads = _grads_from_stages(out["grad"], params, p, v, store_p, dims, grad_shard_axis)
+        grads = (stage_grads, jax.tree.map(lambda a: a[p - 1], out["head_grad"]), out["dx"][0])
         return _outputs(s, out), grads
 
     def bwd(grads, cts):

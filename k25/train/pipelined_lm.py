@@ -56,6 +56,9 @@ class PipelineSettings:
     # 1f1b: the stages' regrouped copy of the routed-expert weights is built in the compute dtype
     # (`pipeline.regroup_in_compute_dtype`; see `pipeline_loss`'s `regroup_dtypes`)
     regroup_in_compute_dtype: bool = False
+    # 1f1b: the stages' gradient sums of the regrouped stacks stay sharded over `dp` (ZeRO-2;
+    # `pipeline.grad_sums_over_dp`, see `pipeline_loss`'s `grad_shard_axis`)
+    grad_sums_over_dp: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -71,8 +74,12 @@ def pipeline_settings(config: ml_collections.ConfigDict, model_cfg: K2Config) ->
     pipe = config.get("pipeline", ml_collections.ConfigDict())
     s = PipelineSettings(stages=int(config.mesh.pp), virtual=int(pipe.get("virtual_stages", 1)),
                          microbatches=int(pipe.get("microbatches", 1)), schedule=str(pipe.get("schedule", "gpipe")),
-                         regroup_in_compute_dtype=bool(pipe.get("regroup_in_compute_dtype", False)))
+                         regroup_in_compute_dtype=bool(pipe.get("regroup_in_compute_dtype", False)),
+                         grad_sums_over_dp=bool(pipe.get("grad_sums_over_dp", False)))
     sched.validate(s.schedule, s.stages, s.virtual, s.microbatches)
+    if s.grad_sums_over_dp and s.schedule != "1f1b":
+        raise ValueError("config.pipeline.grad_sums_over_dp needs config.pipeline.schedule='1f1b' (under gpipe "
+                         "autodiff owns the gradient sums); set the schedule or drop the flag.")
     if not s.enabled:
         return s
     chunks = s.stages * s.virtual
@@ -197,7 +204,8 @@ def pipelined_decoder_loss(model: K2Model, batch: dict, settings: PipelineSettin
         regroup_dtypes = jax.tree_util.tree_map_with_path(
             lambda path, _: cfg.compute_dtype if "experts" in _keys(path) else None, params)
     loss, aux = pipeline_loss(settings.build(), stage_fn, head_fn, params, buffers, head_params, x, side, data,
-                              storage=storage, offload=cfg.remat_offload, regroup_dtypes=regroup_dtypes)
+                              storage=storage, offload=cfg.remat_offload, regroup_dtypes=regroup_dtypes,
+                              grad_shard_axis="dp" if settings.grad_sums_over_dp else None)
     out = {"num_tokens": aux["num_tokens"],
            "max_attn_logits": jnp.concatenate([*max_logits, aux["max_attn_logits"]], 0),
            "expert_counts": jnp.concatenate([*counts, aux["expert_counts"]], 0),

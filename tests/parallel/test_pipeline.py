@@ -154,6 +154,10 @@ def test_pipeline_config_errors():
     for kw, pattern in cases:
         with pytest.raises(ValueError, match=pattern):
             TextLMStage(config(**kw))
+    c = config(microbatches=2)
+    c.pipeline.grad_sums_over_dp = True
+    with pytest.raises(ValueError, match=r"grad_sums_over_dp needs config\.pipeline\.schedule='1f1b'"):
+        TextLMStage(c)
 
 
 def test_unpipelined_default_is_untouched():
@@ -301,6 +305,79 @@ def test_1f1b_regroup_in_compute_dtype_is_bit_equal():
     with pytest.raises(ValueError, match="1f1b"):
         pipeline_loss(sched.build("gpipe", 2, 2, m), stage_fn, head_fn, w, jnp.zeros((L,)), jnp.ones((d,)), x,
                       jnp.ones((m,)), target, regroup_dtypes=bf16)
+
+
+def test_1f1b_grad_sums_sharded_over_dp_are_bit_equal():
+    """`grad_shard_axis="dp"` keeps the stages' gradient sums of a leaf regrouped by all_to_all (stored with
+    `pp` on its second dimension) sharded over `dp` in the tick loop and through the reverse all_to_all. Over
+    dp = 2 a reduce-scatter adds the same two partial sums as the all-reduce it replaces, so loss and
+    gradients are bit-equal; the gradient comes out sharded over dp (its full sum is never built)."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from k25.parallel import schedule as sched
+    from k25.parallel.pipeline import grad_shard_dims, pipeline_loss
+
+    L, m, mb, d = 8, 4, 4, 8
+    keys = jax.random.split(jax.random.key(2), 3)
+    w = jax.random.normal(keys[0], (L, d, d)) / np.sqrt(d)
+    x = jax.random.normal(keys[1], (m, mb, d))
+    target = jax.random.normal(keys[2], (m, mb, d))
+
+    def stage_fn(w, b, h, side):
+        def layer(h, w):
+            return jnp.tanh(h @ w), jnp.max(h)
+
+        h, mx = jax.lax.scan(layer, h, w)
+        return h, {"max_h": mx}
+
+    def head_fn(hd, y, t):
+        return jnp.sum((y * hd - t) ** 2), {}
+
+    mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(2, 2, 1), ("pp", "dp", "ep"))
+    stored = P(None, "pp")
+    s = sched.build("1f1b", 2, 2, m)
+    out = {}
+    for axis in (None, "dp"):
+        def f(w, hd, x):
+            return pipeline_loss(s, stage_fn, head_fn, w, jnp.zeros((L,)), hd, x, jnp.ones((m,)), target,
+                                 storage=(stored, None), grad_shard_axis=axis)
+
+        with jax.set_mesh(mesh):
+            ws = jax.device_put(w, NamedSharding(mesh, stored))
+            xs = jax.device_put(x, NamedSharding(mesh, P(None, "dp")))
+            out[axis] = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(ws, jnp.ones((d,)), xs)
+            assert grad_shard_dims(w, stored, "dp") == 1  # the one unsharded dimension after the layer axis
+    for a, b in zip(jax.tree.leaves(out[None]), jax.tree.leaves(out["dp"])):
+        np.testing.assert_array_equal(a, b)
+    gw = out["dp"][1][0]
+    assert "dp" in jax.tree.leaves(tuple(gw.sharding.spec)), gw.sharding
+    with pytest.raises(ValueError, match="1f1b"):
+        pipeline_loss(sched.build("gpipe", 2, 2, m), stage_fn, head_fn, w, jnp.zeros((L,)), jnp.ones((d,)), x,
+                      jnp.ones((m,)), target, grad_shard_axis="dp")
+
+
+@pytest.mark.slow
+def test_lm_grad_sums_over_dp_are_bit_equal(tmp_path):
+    """`pipeline.grad_sums_over_dp` on the K2 (pp=2, dp=2, ep=2, 1f1b, v=2): the stages' gradient sums of the
+    regrouped stacks stay sharded over dp. The routed experts (sharded over ep) are reduced over dp alone,
+    where a reduce-scatter adds the same two partial sums as the all-reduce: bit-equal. The other stacked
+    leaves are replicated over ep too, so their four partial sums are added in another order (dp first, then
+    ep): a reordered float32 sum of n terms moves by at most (n - 1) eps of the sum of their magnitudes, here
+    asserted as relative L2 < 2^-20 per leaf (about 8 eps). The loss is bit-equal."""
+    out = {}
+    for flag in (False, True):
+        c = config((2, 2, 2), 2, 2, "1f1b", devices=8)
+        c.pipeline.grad_sums_over_dp = flag
+        out[flag] = run(c, tmp_path / str(flag), steps=1)
+    (g0, _, _), losses0 = out[False]
+    (g1, _, _), losses1 = out[True]
+    assert losses1 == losses0 and set(g1) == set(g0)
+    for name, a in g0.items():
+        if "experts" in name and "shared" not in name:
+            np.testing.assert_array_equal(g1[name], a, err_msg=name)
+        else:
+            assert np.linalg.norm(g1[name] - a) <= 2**-20 * np.linalg.norm(a), name
 
 
 @pytest.mark.slow
