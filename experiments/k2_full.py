@@ -16,8 +16,9 @@ stage, a microbatch at a time); 16 microbatches (interleaving needs a multiple o
 steps, so each of the 32 data ranks holds one 4096-token sequence per microbatch; selective recomputation
 as in the report; query-chunked attention and an expert-exchange capacity of 2x the average, which a
 static-shape plan needs. The 60-layer stacks are stored with pp on their hidden dimension
-(k25.parallel.mesh.storage_spec), so parameters and ZeRO-1 state take 37 GB per device; BUILD_NOTES.md has
-the compiled figures and what still exceeds 80 GB.
+(k25.parallel.mesh.storage_spec) and the embedding and LM head with their vocab over all devices
+(model.shard_vocab), so parameters and ZeRO-1 state take 27 GB per device; BUILD_NOTES.md has the compiled
+figures and what still exceeds 80 GB.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def get_config(arg: str | None = None):
         # the stages' regrouped copy of the expert weights in bf16 (they are only used cast to bf16); their
         # gradients are still summed and regrouped in f32
         c.pipeline.regroup_in_compute_dtype = True
+        # the embedding table and LM head stored vocab-sharded over all 512 devices instead of replicated
+        # (2 x 4.7 GB); lookup and loss head work on vocab slices (k25/parallel/vocab.py)
+        c.model.shard_vocab = True
         # expert all-to-all: each rank pair gets twice its average routed rows instead of the dropless worst
         # case of ep*min(k, E/ep)/k = 16x; the report's system is dropless with ragged buffers, a static-shape
         # plan needs a bound

@@ -76,6 +76,9 @@ class K2Config:
     max_position_embeddings: int = 131072
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
+    # k25 only: store the embedding table and LM head with the vocab dimension over every mesh axis instead of
+    # replicated; the lookup and the loss head then work on vocab slices (k25/parallel/vocab.py)
+    shard_vocab: bool = False
     initializer_range: float = 0.02
     # memory policy (k25 only): see k25/model/remat.py
     remat: str = "none"  # "none" | "selective" (the report's set) | "full"

@@ -20,6 +20,8 @@ from k25.model.mla import MLA, attention_mask
 from k25.model.moe import MoE
 from k25.model.remat import remat_wrapper
 from k25.model.rope import rope_cos_sin
+from k25.parallel import vocab as vocab_parallel
+from k25.parallel.mesh import VOCAB_SHARD
 
 
 @struct.dataclass
@@ -96,7 +98,8 @@ class K2Model(nnx.Module):
         cfg.validate()
         self.cfg = cfg
         kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, std=cfg.initializer_range, rngs=rngs)
-        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
+        vocab_axis = VOCAB_SHARD if cfg.shard_vocab else "vocab"
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, vocab_axis=vocab_axis, **kw)
         self.dense_layers = (stacked(cfg.first_k_dense_replace, lambda r: DecoderLayer(cfg, moe=False, rngs=r), rngs)
                              if cfg.first_k_dense_replace else None)
         self.moe_layers = (stacked(cfg.num_moe_layers, lambda r: DecoderLayer(cfg, moe=True, rngs=r), rngs)
@@ -104,7 +107,7 @@ class K2Model(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype,
                             param_dtype=cfg.weight_dtype, rngs=rngs)
         if not cfg.tie_word_embeddings:
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), **kw)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", vocab_axis), **kw)
 
     def embed(self, input_ids: jnp.ndarray) -> jnp.ndarray:
         return self.embed_tokens(input_ids)
@@ -152,6 +155,10 @@ class K2Model(nnx.Module):
 
 
 def project_logits(proj: Embed | Linear, h: jnp.ndarray) -> jnp.ndarray:
-    """float32 logits from normed hidden states through the LM head (or the tied embedding table)."""
-    out = proj.attend(h) if isinstance(proj, Embed) else proj(h)
-    return out.astype(jnp.float32)
+    """float32 logits from normed hidden states through the LM head (or the tied embedding table); a
+    vocab-sharded head gives vocab-sharded logits (k25.parallel.vocab.project)."""
+    if isinstance(proj, Embed):
+        return proj.attend(h).astype(jnp.float32)
+    if vocab_parallel.is_sharded(proj.kernel):
+        return vocab_parallel.project(h, proj.kernel[...], proj.dtype)
+    return proj(h).astype(jnp.float32)

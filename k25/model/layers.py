@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from k25.model.remat import NORM, SWIGLU, tag
+from k25.parallel import vocab as vocab_parallel
 
 
 def param(rngs: nnx.Rngs, shape: Sequence[int], axes: tuple[str | None, ...], dtype, std: float | None) -> nnx.Param:
@@ -66,14 +67,22 @@ class SwiGLU(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding table (vocab, embed); `attend` gives tied-output logits."""
+    """Token embedding table (vocab, embed); `attend` gives tied-output logits.
 
-    def __init__(self, vocab: int, dim: int, *, dtype, param_dtype, std: float, rngs: nnx.Rngs):
-        self.embedding = param(rngs, (vocab, dim), ("vocab", "embed"), param_dtype, std)
+    `vocab_axis`: the logical name of the vocab dimension; `VOCAB_SHARD` stores it over the mesh and looks
+    rows up without gathering the table (k25/parallel/vocab.py)."""
+
+    def __init__(self, vocab: int, dim: int, *, dtype, param_dtype, std: float, rngs: nnx.Rngs,
+                 vocab_axis: str = "vocab"):
+        self.embedding = param(rngs, (vocab, dim), (vocab_axis, "embed"), param_dtype, std)
         self.dtype = dtype
 
     def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
+        if vocab_parallel.is_sharded(self.embedding):
+            return vocab_parallel.lookup(self.embedding[...], ids, self.dtype)
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jnp.ndarray) -> jnp.ndarray:
+        if vocab_parallel.is_sharded(self.embedding):
+            return vocab_parallel.project(x, self.embedding[...].T, self.dtype)
         return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)

@@ -17,12 +17,15 @@ from jax.sharding import PartitionSpec as P
 
 AXES = ("pp", "dp", "ep")
 BATCH_AXES = ("dp", "ep")
+# the vocab dimension of the embedding table and LM head under `K2Config.shard_vocab` (k25/parallel/vocab.py)
+VOCAB_SHARD = "vocab_shard"
 
 # logical axis -> mesh axis (None: replicated). One table for every parameter and activation.
 LOGICAL_RULES: dict[str, Any] = {
     "layers": "pp",
     "exp": "ep",
     "batch": BATCH_AXES,
+    VOCAB_SHARD: AXES,
     "embed": None, "vocab": None, "mlp": None, "heads_q": None, "q_lora": None, "kv_lora": None,
     "exp_mlp": None, "norm": None,
 }

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from k25.data.pipeline import make_eval_examples, make_train_iterator
@@ -18,6 +17,7 @@ from k25.data.tokenizer import load_tokenizer
 from k25.model.config import K2Config
 from k25.model.decoder import K2Model
 from k25.model.params import count_params
+from k25.parallel.vocab import cross_entropy
 from k25.train.generate import greedy_decode
 from k25.train.init_from import copy_into, latest_params
 from k25.train.pipelined_lm import pipeline_settings, pipelined_decoder_loss
@@ -35,7 +35,7 @@ def model_config(config: ml_collections.ConfigDict) -> K2Config:
 
 def token_loss_sum(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(summed next-token cross-entropy over `loss_mask`, number of loss tokens)."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    ce = cross_entropy(logits, targets)  # optax's formula; also vocab-parallel for vocab-sharded logits
     mask = loss_mask.astype(jnp.float32)
     return jnp.sum(ce * mask), jnp.sum(mask)
 

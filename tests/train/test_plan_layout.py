@@ -23,13 +23,14 @@ def test_k2_full_layout_lowers_on_512_emulated_devices(tmp_path):
     # ZeRO-1: optimizer state is split over the data ranks, so per device it is far below the f32 params
     assert plan["optimizer_bytes_per_device"] < plan["param_bytes_per_device"]
     # every stack is stored 1/16 per stage even though 60 MoE layers do not divide into 16 stages
-    # (replicating the 60-layer stack over pp was 300.6 GB per device; stored over pp it is 27.6 GB)
-    assert plan["param_bytes_per_device"] < 30e9
+    # (replicating the 60-layer stack over pp was 300.6 GB per device; stored over pp it is 27.6 GB, and 18.2 GB
+    # with the embedding and LM head vocab-sharded over all devices, model.shard_vocab)
+    assert plan["param_bytes_per_device"] < 20e9
     # selective recomputation + FP8 residuals + 1F1B slots in host memory (the layout's defaults). XLA:CPU has one
     # memory space, so the host share is accounted (plan.json `memory_accounting`). Measured with the stages'
-    # expert weights regrouped in bf16 and Newton-Schulz in place: 139.1 GB device, 119.2 GB host, 253.3 GB
-    # compiled per device; the 80 GB target is NOT met yet (BUILD_NOTES.md, K2 layout memory), so this guards
-    # the measured figure.
+    # expert weights regrouped in bf16, Newton-Schulz in place and the vocab-sharded embedding and head: 127.2 GB
+    # device, 119.2 GB host, 241.4 GB compiled per device; the 80 GB target is NOT met yet (BUILD_NOTES.md, K2
+    # layout memory), so this guards the measured figure.
     assert plan["memory_accounting"] and plan["host_bytes_per_device"] > 100e9
     assert plan["peak_bytes_per_device"] < plan["compiled_peak_bytes_per_device"] < 256e9
-    assert plan["peak_bytes_per_device"] <= 141e9, plan
+    assert plan["peak_bytes_per_device"] <= 129e9, plan
