@@ -55,6 +55,8 @@ def get_config(arg: str | None = None):
         # the stages' regrouped copy of the expert weights in bf16 (they are only used cast to bf16); their
         # gradients are still summed and regrouped in f32
         c.pipeline.regroup_in_compute_dtype = True
+        # the stages' f32 gradient sums of the expert stacks sharded over dp (ZeRO-2) instead of replicated
+        c.pipeline.grad_sums_over_dp = True
         # the embedding table and LM head stored vocab-sharded over all 512 devices instead of replicated
         # (2 x 4.7 GB); lookup and loss head work on vocab slices (k25/parallel/vocab.py)
         c.model.shard_vocab = True
