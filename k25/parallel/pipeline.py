@@ -283,6 +283,21 @@ class _OneFOneBTick(_Tick):
     def _to_device(self, a: jax.Array) -> jax.Array:
         return jax.device_put(a, jax.memory.Space.Device) if self.offload else a
 
+    @staticmethod
+    def _slot_dtype(dtype: Any) -> Any:
+        """float8 residuals are parked as their uint8 bit patterns: XLA:CPU has no float8 dynamic-update-slice,
+        so it widens the whole slot buffer to f16 and back each tick, which also copies it (a second 23.6 GB
+        buffer in the K2 layout); integer slots are updated in place, and the bits round-trip exactly."""
+        return jnp.uint8 if jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 1 else dtype
+
+    def _park(self, v: jax.Array) -> jax.Array:
+        t = self._slot_dtype(v.dtype)
+        return self._to_host(v if t == v.dtype else jax.lax.bitcast_convert_type(v, t))
+
+    def _unpark(self, a: jax.Array, dtype: Any) -> jax.Array:
+        a = self._to_device(a)
+        return a if a.dtype == dtype else jax.lax.bitcast_convert_type(a, dtype)
+
     def _constrain(self, grads: Any) -> Any:
         return jax.tree.map(lambda g, spec: g if spec is None else jax.lax.with_sharding_constraint(g, spec),
                             grads, self.grad_specs, is_leaf=lambda x: x is None)
@@ -297,7 +312,8 @@ class _OneFOneBTick(_Tick):
         s, x = self.s, self.x
         return {**self.common_init(),
                 "gbuf": jnp.zeros((max(s.g_slots, 1), *x.shape[1:]), x.dtype),
-                "res": [self._to_host(jnp.zeros((max(s.res_slots, 1), *a.shape), a.dtype)) for a in self.res_shapes],
+                "res": [self._to_host(jnp.zeros((max(s.res_slots, 1), *a.shape), self._slot_dtype(a.dtype)))
+                        for a in self.res_shapes],
                 "grad": self._constrain(jax.tree.map(lambda a, t: jnp.zeros(a.shape, t), self.sp, self.grad_dtypes)),
                 "head_grad": jax.tree.map(jnp.zeros_like, self.hp),
                 "dx": jnp.zeros_like(x)}
@@ -338,13 +354,13 @@ class _OneFOneBTick(_Tick):
         slot, g_slot = row[sched.RES_SLOT], row[sched.G_SLOT]
         is_fwd, is_bwd, last = (op == sched.FWD) | (op == sched.FWD_HEAD), op == sched.BWD, op == sched.FWD_HEAD
         g = c["gbuf"][jnp.maximum(g_slot, 0)]
-        res = [self._to_device(buf[jnp.maximum(slot, 0)]) for buf in c["res"]]
+        res = [self._unpark(buf[jnp.maximum(slot, 0)], a.dtype) for buf, a in zip(c["res"], self.res_shapes)]
         y, stored, aux, dp, dx = jax.lax.switch(op, [self.idle, self.forward, self.forward, self.backward],
                                                 r, i, self.unit_input(c, row), g, res)
         loss, head_aux, dhp, dy = jax.lax.cond(last, self.head, self.no_head, y, i)
         first = is_bwd & (r == 0) & (self.me == 0)  # the gradient w.r.t. the pipeline input, kept here
         c = dict(self.record(c, row, aux, loss, head_aux),
-                 res=[_put(buf, jnp.where(is_fwd, slot, -1), self._to_host(v)) for buf, v in zip(c["res"], stored)],
+                 res=[_put(buf, jnp.where(is_fwd, slot, -1), self._park(v)) for buf, v in zip(c["res"], stored)],
                  gbuf=_put(c["gbuf"], jnp.where(last, g_slot, -1), dy),
                  grad=self._constrain(jax.tree.map(lambda acc, d: acc.at[r].add(d.astype(acc.dtype)), c["grad"], dp)),
                  head_grad=jax.tree.map(jnp.add, c["head_grad"], dhp),

@@ -258,6 +258,52 @@ def test_1f1b_offloaded_slots_equal_device_slots():
         np.testing.assert_array_equal(a, b)
 
 
+def test_1f1b_float8_residuals_park_as_uint8_bits(monkeypatch):
+    """Float8 VJP residuals (model.fp8_activations) wait in uint8 slot buffers, bitcast on the way in and out
+    (XLA:CPU widens a float8 buffer to f16 for every slot update and copies it): the bits round-trip, so loss
+    and gradients are bit-equal to float8 slot buffers."""
+    from jax.sharding import Mesh
+
+    from k25.model.remat import fp8_residuals
+    from k25.parallel import pipeline
+    from k25.parallel import schedule as sched
+
+    L, m, mb, d = 4, 4, 16, 32
+    keys = jax.random.split(jax.random.key(3), 3)
+    w = jax.random.normal(keys[0], (L, d, d)) / np.sqrt(d)
+    x = jax.random.normal(keys[1], (m, mb, d))
+    target = jax.random.normal(keys[2], (m, mb, d))
+
+    @fp8_residuals
+    def layer(w, h):
+        return jnp.tanh(jnp.dot(h.astype(jnp.bfloat16), w.astype(jnp.bfloat16)).astype(jnp.float32) * 0.5)
+
+    def stage_fn(w, b, h, side):
+        h, mx = jax.lax.scan(lambda h, w: (layer(w, h), jnp.max(h)), h, w)
+        return h, {"max_h": mx}
+
+    def head_fn(hd, y, t):
+        return jnp.sum((y * hd - t) ** 2), {}
+
+    mesh = Mesh(np.asarray(jax.devices()[:2]).reshape(2, 1, 1), ("pp", "dp", "ep"))
+    s = sched.build("1f1b", 2, 1, m)
+
+    def f(w, hd, x):
+        return pipeline.pipeline_loss(s, stage_fn, head_fn, w, jnp.zeros((L,)), hd, x, jnp.ones((m,)), target)[0]
+
+    out, texts = [], []
+    for bits in (True, False):
+        if not bits:  # the reference: float8 slot buffers
+            monkeypatch.setattr(pipeline._OneFOneBTick, "_slot_dtype", staticmethod(lambda t: t))
+        with jax.set_mesh(mesh):
+            step = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+            texts.append(step.lower(w, jnp.ones((d,)), x).as_text())
+            out.append(step(w, jnp.ones((d,)), x))
+    assert "xui8>" in texts[0] and "xui8>" not in texts[1] and "f8E4M3FN" in texts[1]
+    for a, b in zip(jax.tree.leaves(out[0]), jax.tree.leaves(out[1])):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_1f1b_regroup_in_compute_dtype_is_bit_equal():
     """`regroup_dtypes` casts a stage leaf before the pipeline regroups it (here: stored with `pp` on its
     second dimension, so the regrouping is the all_to_all of the K2 layout). The stage function only uses the
