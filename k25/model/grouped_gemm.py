@@ -61,8 +61,12 @@ def _sum_over_extra_axes(grad: jnp.ndarray, param: jnp.ndarray) -> jnp.ndarray:
 
 
 def _to_blocks(rows: jnp.ndarray, dest: jnp.ndarray, num_blocks: int, block: int) -> jnp.ndarray:
-    buf = jnp.zeros((num_blocks * block, rows.shape[1]), rows.dtype)
-    return buf.at[dest].set(rows, mode="promise_in_bounds").reshape(num_blocks, block, -1)
+    """Row i to padded row dest[i] (distinct), zeros elsewhere, as a gather: the int32 inverse map is
+    scattered, the rows are read. A float scatter here is widened to f32 by XLA:CPU (no bf16 scatter), a
+    second f32 copy of every block row in the K2 plan."""
+    src = jnp.full((num_blocks * block,), rows.shape[0], jnp.int32).at[dest].set(
+        jnp.arange(rows.shape[0], dtype=jnp.int32), mode="promise_in_bounds")
+    return rows.at[src].get(mode="fill", fill_value=0).reshape(num_blocks, block, -1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

@@ -71,6 +71,28 @@ def ep_capacity(tokens: int, k: int, experts_per_rank: int, ep: int, factor: flo
     return min(-(-rows // 8) * 8, worst)
 
 
+@jax.custom_vjp
+def _move_rows(a: jnp.ndarray, idx: jnp.ndarray, inv: jnp.ndarray) -> jnp.ndarray:
+    """a[idx] with zero rows where idx is out of range, for an idx that reads every row of `a` at most once;
+    `inv` is that map's inverse (for each row of `a`, the output row that reads it, out of range if none).
+    The backward is then the gather ct[inv] instead of autodiff's scatter-add into zeros (which XLA:CPU
+    widens to f32 for bf16 rows: the K2 plan's largest f32 temporaries in a backward unit); exact either
+    way, since every row receives at most one term."""
+    return a.at[idx].get(mode="fill", fill_value=0)
+
+
+def _move_rows_fwd(a, idx, inv):
+    return _move_rows(a, idx, inv), (idx, inv)
+
+
+def _move_rows_bwd(res, ct):
+    idx, inv = res
+    return ct.at[inv].get(mode="fill", fill_value=0), None, None
+
+
+_move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
+
+
 def _ep_body(x: jnp.ndarray, weights: jnp.ndarray, idx: jnp.ndarray, valid: jnp.ndarray, w_gate: jnp.ndarray,
              w_up: jnp.ndarray, w_down: jnp.ndarray, *, impl: str, block: int, capacity_factor: float,
              batch_axes: tuple[str, ...]) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
@@ -111,11 +133,13 @@ def _ep_body(x: jnp.ndarray, weights: jnp.ndarray, idx: jnp.ndarray, valid: jnp.
 
     perm = jnp.argsort(jax.vmap(expert_of_slot)(recv_counts).reshape(-1), stable=True)
     inv = jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
-    y = grouped_swiglu(recv[perm], recv_counts.sum(0), w_gate, w_up, w_down, impl, block)
+    y = grouped_swiglu(_move_rows(recv, perm, inv), recv_counts.sum(0), w_gate, w_up, w_down, impl, block)
 
     # 5. combine: back to the sending slots, weight, add onto the tokens
-    back = jax.lax.all_to_all(y[inv].reshape(ep, cap, d), EP, 0, 0)
-    y_back = back.at[dest, slot].get(mode="fill", fill_value=0)  # dropped rows: 0
+    back = jax.lax.all_to_all(_move_rows(y, inv, perm).reshape(ep, cap, d), EP, 0, 0)
+    sent = jnp.where(keep, dest * cap + slot, ep * cap)  # each kept assignment's send row; dropped: none
+    sender = jnp.full((ep * cap,), t * k, jnp.int32).at[sent].set(jnp.arange(t * k, dtype=jnp.int32), mode="drop")
+    y_back = _move_rows(back.reshape(ep * cap, d), sent, sender)  # dropped rows: 0
     y_tok = y_back * weights.reshape(-1)[order][:, None].astype(back.dtype)
     out = jnp.zeros_like(x).at[token].add(y_tok)
     counts = jnp.zeros((n_exp,), jnp.float32).at[flat].add(real.astype(jnp.float32))
