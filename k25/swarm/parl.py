@@ -187,13 +187,17 @@ class Contention:
         return u < self.p_fail(launched)
 
 
-def contended_clients(policy: Callable, contention: Contention, key: str):
+def contended_clients(policy: Callable, contention: Contention | None, key: str):
     """(orchestrator, subagent) clients around one scripted policy for an episode named `key`: the
     orchestrator's `assign_task` turns open waves; a subagent run that `contention` fails raises on its final
-    answer, after doing its reads, so its steps still count and the runtime reports the failure."""
+    answer, after doing its reads, so its steps still count and the runtime reports the failure. Without
+    contention (None or rate 0) both are one plain client."""
     from k25.infer.client import ScriptedClient
     from k25.swarm.policies import tool_history
 
+    if contention is None or contention.rate <= 0:
+        client = ScriptedClient(policy)
+        return client, client
     wave: dict[str, Any] = {"index": -1, "prompts": []}
 
     def orchestrator(messages, tools):
@@ -230,12 +234,8 @@ async def run_width(task: SwarmTask, tools: Sequence[Tool], width: int, config: 
     if width == 0:  # serial: the scripted agent answers with what it has when the budget runs out
         client = ScriptedClient(scripted_policy(worker_budget=config.max_critical_steps))
         return await run_single(task.prompt, agent=client, tools=tools, config=config)
-    policy = scripted_policy(per_agent=-(-n // width))
-    if contention is not None and contention.rate > 0:
-        key = f"{task.task_id}/{config.max_critical_steps}/{width}"
-        orchestrator, subagent = contended_clients(policy, contention, key)
-    else:
-        orchestrator = subagent = ScriptedClient(policy)
+    orchestrator, subagent = contended_clients(scripted_policy(per_agent=-(-n // width)), contention,
+                                               f"{task.task_id}/{config.max_critical_steps}/{width}")
     return await run_swarm(task.prompt, orchestrator=orchestrator, subagent=subagent, tools=tools, config=config)
 
 

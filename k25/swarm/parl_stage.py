@@ -28,7 +28,6 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from k25.infer.client import ScriptedClient
 from k25.rl.env import Task
 from k25.rl.rollout import EnvPool, RolloutManager, SamplerPolicy
 from k25.rl.trainer import RLIterator, RLStage, default_rl_config
@@ -137,11 +136,8 @@ class ParlStage(RLStage):
         if self.config.parl.policy == "serial":
             trace, width = await run_width(st, tools, 0, cfg), 0
         else:
-            policy = scripted_policy()
-            if self.contention.rate > 0:
-                orchestrator, subagent = contended_clients(policy, self.contention, f"{st.task_id}/{budget}/scripted")
-            else:
-                orchestrator = subagent = ScriptedClient(policy)
+            orchestrator, subagent = contended_clients(scripted_policy(), self.contention,
+                                                       f"{st.task_id}/{budget}/scripted")
             trace = await run_swarm(st.prompt, orchestrator=orchestrator, subagent=subagent, tools=tools, config=cfg)
             width = len(trace.subagents)
         return episode_reward(trace.stages, st.score(trace.answer), self.current_step, self.reward_cfg, width)
