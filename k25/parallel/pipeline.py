@@ -117,29 +117,32 @@ def _stage_rest(rest: tuple, d: int | None = None, axis: str | None = None) -> t
     return tuple(axis if j == d else (None if part == PP else part) for j, part in enumerate(rest))
 
 
-def grad_shard_dims(stage_params: Any, storage: Any, axis: str) -> Any:
+def grad_shard_dims(stage_params: Any, storage: Any, axis: str | None) -> Any:
     """Per stage leaf, the non-layer dimension (index into shape[1:]) on which the 1F1B loop keeps its gradient
     sum sharded over the auto mesh axis `axis`, or None: only leaves the pipeline regroups by all_to_all
-    (stored with `pp` off the layer axis), on their largest dimension that is unsharded and divisible."""
+    (stored with `pp` off the layer axis), on their largest dimension that is unsharded and divisible. All
+    None without `axis`, storage specs or an ambient mesh that has it."""
     mesh = jax.sharding.get_abstract_mesh()
-    size = 0 if mesh.empty or axis not in mesh.axis_names else mesh.shape[axis]
+    size = 0 if axis is None or mesh.empty or axis not in mesh.axis_names else mesh.shape[axis]
 
     def pick(a: Any, spec: P | None) -> int | None:
         rest = tuple(spec)[1:] if spec is not None else ()
         if size < 2 or PP not in rest:
-            rest = ()
+            return None
         free = [j for j in range(len(a.shape) - 1)
-                if (j >= len(rest) or rest[j] is None) and a.shape[1 + j] % size == 0] if rest else []
+                if (j >= len(rest) or rest[j] is None) and a.shape[1 + j] % size == 0]
         return max(free, key=lambda j: (a.shape[1 + j], j)) if free else None
 
     specs = jax.tree.map(lambda _: None, stage_params) if storage is None else storage
     return jax.tree.map(pick, stage_params, specs, is_leaf=lambda x: x is None)
 
 
-def _grads_from_stages(grads: Any, params: Any, p: int, v: int, storage: Any, dims: Any, axis: str) -> Any:
+def _grads_from_stages(grads: Any, params: Any, p: int, v: int, storage: Any, dims: Any,
+                       axis: str | None) -> Any:
     """Gradient sums in the stage layout (p, v, n, ...) -> the stored layout (L, ...) of `params`: the
-    transpose of `_to_stages`, except that a leaf with a dimension in `dims` stays sharded over `axis` on it
-    throughout (the reverse all_to_all runs on the sharded blocks), so its full sum is never built on a device."""
+    transpose of `_to_stages`, except that a leaf with a dimension in `dims` (`grad_shard_dims`; all None
+    without `axis`) stays sharded over `axis` on it throughout (the reverse all_to_all runs on the sharded
+    blocks), so its full sum is never built on a device."""
     def back(g: jax.Array, a: jax.Array, spec: P | None, d: int | None) -> jax.Array:
         if d is None:
             _, vjp = jax.vjp(lambda t: _to_stages(t, p, v, spec), a)
@@ -461,9 +464,7 @@ def pipeline_loss(s: Schedule, stage_fn: StageFn, head_fn: HeadFn, stage_params:
     def run(params, hp, x, sb, side, hdata):  # not differentiated: the same loop, gradients dropped
         return fwd(params, hp, x, sb, side, hdata)[0]
 
-    dims = jax.tree.map(lambda _: None, stage_params)
-    if grad_shard_axis is not None and p > 1:
-        dims = grad_shard_dims(stage_params, store_p, grad_shard_axis)
+    dims = grad_shard_dims(stage_params, store_p, grad_shard_axis)
 
     def stage_grad_spec(spec: P | None, d: int | None) -> P | None:
         return None if d is None else P(None, None, *_stage_rest(tuple(spec)[1:], d, grad_shard_axis))
@@ -475,11 +476,7 @@ def pipeline_loss(s: Schedule, stage_fn: StageFn, head_fn: HeadFn, stage_params:
         tick = functools.partial(_OneFOneBTick, offload=offload, grad_dtypes=stored_dtypes, grad_specs=grad_specs)
         out = _run(s, tick, stage_fn, head_fn, _to_stages(cast(params), p, v, store_p), sb, hp, x, side, hdata)
         # the gradient sums (stored dtype, stage layout) back to the stored layout: the regrouping's transpose
-        if grad_shard_axis is None or p == 1:
-            _, back = jax.vjp(lambda t: _to_stages(t, p, v, store_p), params)
-            stage_grads = back(out["grad"])[0]
-        else:
-            stage_grads = _grads_from_stages(out["grad"], params, p, v, store_p, dims, grad_shard_axis)
+        stage_grads = _grads_from_stages(out["grad"], params, p, v, store_p, dims, grad_shard_axis)
         grads = (stage_grads, jax.tree.map(lambda a: a[p - 1], out["head_grad"]), out["dx"][0])
         return _outputs(s, out), grads
 
