@@ -254,11 +254,14 @@ class _GPipeTick(_Tick):
 class _OneFOneBTick(_Tick):
     """Forward and backward units; the forward's VJP residuals wait in slots for the backward."""
 
-    def __init__(self, *args: Any, offload: bool = False, grad_dtypes: Any = None, grad_specs: Any = None):
+    def __init__(self, *args: Any, offload: bool = False, grad_dtypes: Any = None, grad_specs: Any = None,
+                 unit_specs: Any = None):
         super().__init__(*args)
         self.offload = offload
-        # per stage leaf, a PartitionSpec (auto axes) its gradient sum is kept in, or None (see `pipeline_loss`)
+        # per stage leaf, a PartitionSpec (auto axes) its gradient sum is kept in, or None (see `pipeline_loss`),
+        # and the spec of one unit's gradient of that leaf (the same without the sum's sharded axis)
         self.grad_specs = jax.tree.map(lambda _: None, self.sp) if grad_specs is None else grad_specs
+        self.unit_specs = jax.tree.map(lambda _: None, self.sp) if unit_specs is None else unit_specs
         # the gradient sums' dtype per stage leaf (the stored parameters' when the stages hold a cast copy)
         self.grad_dtypes = jax.tree.map(lambda a: a.dtype, self.sp) if grad_dtypes is None else grad_dtypes
         x0, side0 = self.x[0], _take(self.side, 0)
@@ -301,9 +304,10 @@ class _OneFOneBTick(_Tick):
         a = self._to_device(a)
         return a if a.dtype == dtype else jax.lax.bitcast_convert_type(a, dtype)
 
-    def _constrain(self, grads: Any) -> Any:
+    @staticmethod
+    def _constrain(grads: Any, specs: Any) -> Any:
         return jax.tree.map(lambda g, spec: g if spec is None else jax.lax.with_sharding_constraint(g, spec),
-                            grads, self.grad_specs, is_leaf=lambda x: x is None)
+                            grads, specs, is_leaf=lambda x: x is None)
 
     @staticmethod
     def _param_positions(p: Any, leaves: list) -> tuple[int, ...]:
@@ -317,7 +321,8 @@ class _OneFOneBTick(_Tick):
                 "gbuf": jnp.zeros((max(s.g_slots, 1), *x.shape[1:]), x.dtype),
                 "res": [self._to_host(jnp.zeros((max(s.res_slots, 1), *a.shape), self._slot_dtype(a.dtype)))
                         for a in self.res_shapes],
-                "grad": self._constrain(jax.tree.map(lambda a, t: jnp.zeros(a.shape, t), self.sp, self.grad_dtypes)),
+                "grad": self._constrain(jax.tree.map(lambda a, t: jnp.zeros(a.shape, t), self.sp, self.grad_dtypes),
+                                        self.grad_specs),
                 "head_grad": jax.tree.map(jnp.zeros_like, self.hp),
                 "dx": jnp.zeros_like(x)}
 
@@ -365,7 +370,12 @@ class _OneFOneBTick(_Tick):
         c = dict(self.record(c, row, aux, loss, head_aux),
                  res=[_put(buf, jnp.where(is_fwd, slot, -1), self._park(v)) for buf, v in zip(c["res"], stored)],
                  gbuf=_put(c["gbuf"], jnp.where(last, g_slot, -1), dy),
-                 grad=self._constrain(jax.tree.map(lambda acc, d: acc.at[r].add(d.astype(acc.dtype)), c["grad"], dp)),
+                 # a unit's gradient is constrained whole before it is added to the dp-sharded sum, so its
+                 # partial sums over the data ranks are reduced as they are: left to propagation, the sum's
+                 # sharding reached the weight-gradient matmuls and XLA gathered their activations over every data
+                 # rank instead (f32[32, 4096, 16384] and f32[32, 4096, 12288] per device in the K2 layout)
+                 grad=self._constrain(jax.tree.map(lambda acc, d: acc.at[r].add(d.astype(acc.dtype)), c["grad"],
+                                                   self._constrain(dp, self.unit_specs)), self.grad_specs),
                  head_grad=jax.tree.map(jnp.add, c["head_grad"], dhp),
                  dx=_put(c["dx"], jnp.where(first, i, -1), dx))
         return c, jnp.where(last, self.zero, y), jnp.where(first, self.zero, dx)
@@ -469,11 +479,16 @@ def pipeline_loss(s: Schedule, stage_fn: StageFn, head_fn: HeadFn, stage_params:
     def stage_grad_spec(spec: P | None, d: int | None) -> P | None:
         return None if d is None else P(None, None, *_stage_rest(tuple(spec)[1:], d, grad_shard_axis))
 
+    def unit_grad_spec(spec: P | None, d: int | None) -> P | None:
+        return None if d is None else P(None, *_stage_rest(tuple(spec)[1:]))
+
     specs_p = jax.tree.map(lambda _: None, stage_params) if store_p is None else store_p
     grad_specs = jax.tree.map(stage_grad_spec, specs_p, dims, is_leaf=lambda x: x is None)
+    unit_specs = jax.tree.map(unit_grad_spec, specs_p, dims, is_leaf=lambda x: x is None)
 
     def fwd(params, hp, x, sb, side, hdata):
-        tick = functools.partial(_OneFOneBTick, offload=offload, grad_dtypes=stored_dtypes, grad_specs=grad_specs)
+        tick = functools.partial(_OneFOneBTick, offload=offload, grad_dtypes=stored_dtypes, grad_specs=grad_specs,
+                                 unit_specs=unit_specs)
         out = _run(s, tick, stage_fn, head_fn, _to_stages(cast(params), p, v, store_p), sb, hp, x, side, hdata)
         # the gradient sums (stored dtype, stage layout) back to the stored layout: the regrouping's transpose
         stage_grads = _grads_from_stages(out["grad"], params, p, v, store_p, dims, grad_shard_axis)
