@@ -75,6 +75,13 @@ def default_rl_config() -> ml_collections.ConfigDict:
     rl.judge_fallback = -1.0  # a score in [0, 1] to stand in when the judge gives none; < 0: the step fails
     rl.max_turns = 1
     rl.std_normalize = False  # GRPO's advantage (r - mean) / std; Eq. 1 does not divide
+    # DAPO's dynamic sampling: a complete group whose K rewards (after Toggle) are all equal has zero advantage
+    # everywhere and only dilutes the batch; drop it before the batch is laid out (`dropped_uniform_groups`)
+    # and keep sampling prompts until the batch is full of groups that carry a signal
+    rl.drop_uniform_groups = False
+    # with drop_uniform_groups: at most this many rollout iterations per step; if the batch is still not full
+    # then (a policy that solves or fails every prompt), it is laid out part-filled (`batch_fill` < 1)
+    rl.max_iterations_per_step = 32
     rl.loss = ml_collections.ConfigDict(dataclasses.asdict(PolicyLossConfig()))
     # no wall-time limits on the in-process sampler by default: its first calls compile, and a timeout would
     # make what a step trains on depend on the machine's speed (and break exact resumes)
@@ -438,14 +445,27 @@ class RLIterator:
         rows = st.config.batch_size
         mgr = self._ensure_manager()
         prompts = rows // st.rl.group_size
-        while sum(len(g) for g in self.buffer) < rows:
+        drop = bool(st.rl.get("drop_uniform_groups", False))
+        cap = int(st.rl.get("max_iterations_per_step", 0)) if drop else 0
+        iterations = dropped = 0
+        while sum(len(g) for g in self.buffer) < rows and not (cap and iterations >= cap):
             tasks = [st.task(self.cursor + i, self.seed) for i in range(prompts)]
             self.cursor += prompts
             res = asyncio.run(mgr.run_iteration(tasks, self.iteration))
             self.iteration += 1
-            self.buffer += res.groups
+            iterations += 1
+            groups = res.groups
+            if drop:
+                groups = [g for g in res.groups if not self._uniform(g)]
+                dropped += len(res.groups) - len(groups)
+                # `reward` is then the kept groups' mean; this one is every completed group's, dropped or not
+                self._add("reward_all_groups", [e.reward for g in res.groups for e in g])
+            self.buffer += groups
             self._add("failed_episodes", [len(res.failed)])
             self._add("carried_episodes", [len(res.carried)])
+        if drop:  # per step: groups dropped and rollout iterations it took to fill the batch
+            self._add("dropped_uniform_groups", [dropped])
+            self._add("rollout_iterations", [iterations])
         batch_groups, n = [], 0
         cfg = st.rollout_cfg
         while self.buffer and n + len(self.buffer[0]) <= rows:
@@ -457,6 +477,13 @@ class RLIterator:
             batch_groups.append(g)
             n += len(g)
         return self._batch(batch_groups)
+
+    def _uniform(self, group: list[Episode]) -> bool:
+        """Whether the rewards a group's advantages come from (Toggle's at the current step) are all equal: then
+        every advantage is zero and the group adds nothing to Eq. 1's gradient but its tokens to N."""
+        shaped = self.toggle.apply(self.version, group[0].task["id"], [e.reward for e in group],
+                                   [e.response_tokens for e in group])
+        return bool(np.all(shaped == shaped[0]))
 
     def _batch(self, groups: list[list[Episode]]) -> dict:
         st = self.stage
