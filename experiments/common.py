@@ -40,5 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
     # is recomputed for its backward. Same numbers as end-to-end backprop; lower peak memory, no imbalance.
     c.dep = False
     c.mesh = ml_collections.ConfigDict(dict(pp=1, dp=1, ep=1, devices=0))  # devices: 0 = all
-    c.pipeline = ml_collections.ConfigDict(dict(virtual_stages=1, microbatches=1, schedule="gpipe"))
+    # memory options of the 1f1b schedule (k25.train.pipelined_lm.PipelineSettings says what each does)
+    c.pipeline = ml_collections.ConfigDict(dict(virtual_stages=1, microbatches=1, schedule="gpipe",
+                                                regroup_in_compute_dtype=False, grad_sums_over_dp=False,
+                                                head_chunks=1))
     return c

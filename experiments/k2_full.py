@@ -47,6 +47,9 @@ def get_config(arg: str | None = None):
         c.mesh.update(pp=16, dp=2, ep=16)
         c.pipeline.update(virtual_stages=3, microbatches=16, schedule="1f1b")
         c.optim.accum_steps = 32
+        # the Muon momentum stored in bf16 (7.9 -> 4.0 GB per device; the step still computes it in f32 and
+        # rounds once when storing it, as DeepSeek-V3 stores its AdamW moments)
+        c.optim.muon_mu_dtype = "bfloat16"
         c.model.remat = "selective"
         # report App. C: the residuals the 1F1B slots hold are stored in float8 (16-bit activations only, see
         # k25/model/remat.py) and parked in pinned host memory between a unit's forward and its backward
@@ -57,6 +60,9 @@ def get_config(arg: str | None = None):
         c.pipeline.regroup_in_compute_dtype = True
         # the stages' f32 gradient sums of the expert stacks sharded over dp (ZeRO-2) instead of replicated
         c.pipeline.grad_sums_over_dp = True
+        # the loss head over each microbatch's sequence in 4 recomputed pieces: the vocab-parallel head gathers a
+        # microbatch's hidden states over the 32 data ranks, and one piece's logits are live instead of all
+        c.pipeline.head_chunks = 4
         # the embedding table and LM head stored vocab-sharded over all 512 devices instead of replicated
         # (2 x 4.7 GB); lookup and loss head work on vocab slices (k25/parallel/vocab.py)
         c.model.shard_vocab = True

@@ -145,8 +145,13 @@ def _newton_schulz(x: jnp.ndarray, coeffs: jnp.ndarray, steps: int, eps: float) 
     return x
 
 
-def scale_by_batched_muon(ns_steps: int = 5, beta: float = 0.95, eps: float = 1e-8, nesterov: bool = True
-                          ) -> optax.GradientTransformation:
+# A stack of single matrices per layer is orthogonalised all at once while its f32 Gram matrices together fit in
+# this many bytes (the toy and mid-size models: one batched matmul per step), else layer by layer.
+GRAM_BUDGET_BYTES = 1 << 30
+
+
+def scale_by_batched_muon(ns_steps: int = 5, beta: float = 0.95, eps: float = 1e-8, nesterov: bool = True,
+                          mu_dtype: Any = None) -> optax.GradientTransformation:
     """`optax.contrib.scale_by_muon` for leaves whose last two axes are the matrix and whose leading axes
     (layers, experts) are batch axes, orthogonalised under one `vmap` per batch axis.
 
@@ -157,24 +162,29 @@ def scale_by_batched_muon(ns_steps: int = 5, beta: float = 0.95, eps: float = 1e
     is sharded is no longer a block per device, so XLA all-gathers the whole stack first (the K2 plan had
     f32[11520, 2048, 7168] = 676 GB buffers per device). Nested vmaps leave every batch axis, and its
     sharding, where it is; the layer axis of an expert stack is scanned (`_layer_by_layer`) so that only
-    one layer's Gram matrices are live.
+    one layer's Gram matrices are live, and so is that of a stack of single matrices whose f32 Grams together
+    pass `GRAM_BUDGET_BYTES` (K2's attention output projections: 30 x 7168^2 = 6.2 GB per Gram per device).
+    `mu_dtype` stores the momentum in that dtype (optax's option: the step computes in the gradients' dtype
+    and rounds the new momentum once when it stores it); None keeps the parameters' dtype.
     """
     base = scale_by_muon(ns_steps=ns_steps, beta=beta, eps=eps, nesterov=nesterov,
-                         weight_dimension_numbers=_muon_dim_numbers)
+                         weight_dimension_numbers=_muon_dim_numbers, mu_dtype=mu_dtype)
 
     def orthogonalize(x: jnp.ndarray, coeffs: jnp.ndarray) -> jnp.ndarray:
         f = functools.partial(_newton_schulz, coeffs=coeffs, steps=ns_steps, eps=eps)
         for _ in range(max(x.ndim - 3, 0)):  # the expert axis (and any other inner batch axis)
             f = jax.vmap(f)
-        if x.ndim < 4:  # a matrix, or a stack of single matrices per layer: every Gram at once is small
-            return jax.vmap(f)(x) if x.ndim == 3 else f(x)
+        if x.ndim == 2:
+            return f(x)
+        if x.ndim == 3 and x.shape[0] * min(x.shape[1:]) ** 2 * 4 <= GRAM_BUDGET_BYTES:
+            return jax.vmap(f)(x)  # a stack of single matrices whose Grams are small together: one batched step
         return _layer_by_layer(f, x)
 
-    return optax.GradientTransformation(base.init, _muon_update(orthogonalize, beta, nesterov))
+    return optax.GradientTransformation(base.init, _muon_update(orthogonalize, beta, nesterov, mu_dtype))
 
 
 def _layer_by_layer(f: Any, x: jnp.ndarray) -> jnp.ndarray:
-    """f (one layer's experts) over a (layers, experts, m, n) stack, a layer group at a time.
+    """f (one layer's matrix or experts) over a (layers, [experts,] m, n) stack, a layer group at a time.
 
     A vmap over every layer keeps every layer's Gram matrices live at once (f32 (30, 24, 2048, 2048) = 12 GB
     per device in the K2 plan). `lax.map` over the layers keeps one step's. ZeRO-1 puts the stack's layer
@@ -200,7 +210,7 @@ def _layer_by_layer(f: Any, x: jnp.ndarray) -> jnp.ndarray:
     return jnp.swapaxes(out, 0, 1).reshape(x.shape)
 
 
-def _muon_update(orthogonalize: Any, beta: float, nesterov: bool) -> Any:
+def _muon_update(orthogonalize: Any, beta: float, nesterov: bool, mu_dtype: Any = None) -> Any:
     """optax's Muon update (momentum, bias correction, Nesterov) with `orthogonalize(x, ns_coeffs)`."""
 
     def update_fn(updates: Any, state: MuonState, params: Any = None) -> tuple[Any, MuonState]:
@@ -214,7 +224,7 @@ def _muon_update(orthogonalize: Any, beta: float, nesterov: bool) -> Any:
         else:
             mu_hat = optax.tree.bias_correction(mu, beta, count)
         out = jax.tree.map(lambda x: orthogonalize(x, state.ns_coeffs), mu_hat)
-        return out, MuonState(count=count, mu=mu, ns_coeffs=state.ns_coeffs)
+        return out, MuonState(count=count, mu=optax.tree.cast(mu, mu_dtype), ns_coeffs=state.ns_coeffs)
 
     return update_fn
 
@@ -250,7 +260,7 @@ def adamw(params: Any = None, *, learning_rate: optax.ScalarOrSchedule, weight_d
 
 def muon_clip(params: Any, *, learning_rate: optax.ScalarOrSchedule, weight_decay: float = 0.1, b1: float = 0.9,
               b2: float = 0.95, eps: float = 1e-8, muon_momentum: float = 0.95, nesterov: bool = True,
-              ns_steps: int = 5, rms_scale: float = 0.2, trainable: Sequence[str] = ()
+              ns_steps: int = 5, rms_scale: float = 0.2, trainable: Sequence[str] = (), muon_mu_dtype: Any = None
               ) -> optax.GradientTransformation:
     """The MuonClip optimizer update (QK-Clip itself is `qk_clip`, applied to the weights after this update).
 
@@ -260,10 +270,12 @@ def muon_clip(params: Any, *, learning_rate: optax.ScalarOrSchedule, weight_deca
     Muon leaves: Nesterov momentum -> Newton-Schulz (ns_steps, optax's quintic coefficients) per matrix ->
     consistent-RMS scale -> decoupled weight decay -> -lr. AdamW leaves: optax.adamw(b1, b2, eps, weight_decay).
     `trainable`: path prefixes that train; every other leaf is frozen (see `label_params`). Empty: all train.
+    `muon_mu_dtype`: the Muon momentum's storage dtype (None: the parameters').
     """
     labels = label_params(params, trainable)
     muon_branch = optax.chain(
-        scale_by_batched_muon(ns_steps=ns_steps, beta=muon_momentum, eps=eps, nesterov=nesterov),
+        scale_by_batched_muon(ns_steps=ns_steps, beta=muon_momentum, eps=eps, nesterov=nesterov,
+                              mu_dtype=muon_mu_dtype),
         scale_by_consistent_rms(rms_scale),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),

@@ -45,6 +45,7 @@ from jax.sharding import PartitionSpec as P
 
 from k25.model.config import K2Config
 from k25.model.grouped_gemm import grouped_swiglu
+from k25.parallel.collectives import all_to_all_bits
 from k25.parallel.mesh import BATCH_AXES
 
 EP = "ep"
@@ -125,7 +126,7 @@ def _ep_body(x: jnp.ndarray, weights: jnp.ndarray, idx: jnp.ndarray, valid: jnp.
 
     # 3. dispatch (scatter-add onto zeros: the slots are distinct, and add is linear for autodiff)
     send = jnp.zeros((ep, cap, d), x.dtype).at[dest, slot].add(x[token], mode="drop")
-    recv = jax.lax.all_to_all(send, EP, 0, 0).reshape(ep * cap, d)
+    recv = all_to_all_bits(send, EP, 0, 0).reshape(ep * cap, d)
 
     # 4. chunk i holds rank i's rows sorted by expert, then padding: order all rows by local expert
     def expert_of_slot(c: jnp.ndarray) -> jnp.ndarray:
@@ -136,7 +137,7 @@ def _ep_body(x: jnp.ndarray, weights: jnp.ndarray, idx: jnp.ndarray, valid: jnp.
     y = grouped_swiglu(_move_rows(recv, perm, inv), recv_counts.sum(0), w_gate, w_up, w_down, impl, block)
 
     # 5. combine: back to the sending slots, weight, add onto the tokens
-    back = jax.lax.all_to_all(_move_rows(y, inv, perm).reshape(ep, cap, d), EP, 0, 0)
+    back = all_to_all_bits(_move_rows(y, inv, perm).reshape(ep, cap, d), EP, 0, 0)
     sent = jnp.where(keep, dest * cap + slot, ep * cap)  # each kept assignment's send row; dropped: none
     sender = jnp.full((ep * cap,), t * k, jnp.int32).at[sent].set(jnp.arange(t * k, dtype=jnp.int32), mode="drop")
     y_back = _move_rows(back.reshape(ep * cap, d), sent, sender)  # dropped rows: 0

@@ -50,6 +50,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from k25.parallel import schedule as sched
+from k25.parallel.collectives import all_to_all_bits
 from k25.parallel.schedule import Schedule
 
 PP = "pp"
@@ -103,7 +104,7 @@ def _to_stages(tree: Any, p: int, v: int, storage: Any = None) -> Any:
         k = 3 + rest.index(PP)  # the pp-sharded dimension after the reshape
 
         def body(x):  # (v, p, n, ..., D/p, ...) -> (1, v, n, ..., D, ...)
-            return jnp.swapaxes(jax.lax.all_to_all(x, PP, 1, k, tiled=True), 0, 1)
+            return jnp.swapaxes(all_to_all_bits(x, PP, 1, k), 0, 1)
 
         return jax.shard_map(body, in_specs=P(None, None, None, *rest),
                              out_specs=P(PP, None, None, *_stage_rest(rest)))(a)

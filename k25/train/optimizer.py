@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -33,7 +34,7 @@ def build_optimizer(optim: ml_collections.ConfigDict, params: Any, total_steps: 
     if optim.name == "muon_clip":
         tx = muon_clip(params, learning_rate=schedule, weight_decay=optim.weight_decay, b1=optim.b1, b2=optim.b2,
                        muon_momentum=optim.muon_momentum, ns_steps=optim.ns_steps, rms_scale=optim.rms_scale,
-                       trainable=trainable)
+                       trainable=trainable, muon_mu_dtype=_mu_dtype(optim))
     elif optim.name == "adamw":
         tx = adamw(params, learning_rate=schedule, weight_decay=optim.weight_decay, b1=optim.b1, b2=optim.b2,
                    trainable=trainable)
@@ -42,9 +43,18 @@ def build_optimizer(optim: ml_collections.ConfigDict, params: Any, total_steps: 
     return tx, schedule
 
 
+def _mu_dtype(optim: ml_collections.ConfigDict) -> Any:
+    """`optim.muon_mu_dtype`: "" keeps the momentum in the parameters' dtype, else a float dtype name."""
+    name = str(optim.get("muon_mu_dtype", "") or "")
+    if name and name not in ("float32", "bfloat16"):
+        raise ValueError(f"config.optim.muon_mu_dtype={name!r} is not supported; use '' (the parameters' dtype), "
+                         "'float32' or 'bfloat16'.")
+    return jnp.dtype(name) if name else None
+
+
 def default_optim_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         name="muon_clip", lr=2e-3, schedule="warmup_cosine", warmup_steps=20, final_lr_ratio=0.1,
         decay_fraction=0.2, weight_decay=0.1, b1=0.9, b2=0.95, muon_momentum=0.95, ns_steps=5, rms_scale=0.2,
-        qk_clip_tau=100.0, accum_steps=1,
+        qk_clip_tau=100.0, accum_steps=1, muon_mu_dtype="",
     ))

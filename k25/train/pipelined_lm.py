@@ -59,6 +59,9 @@ class PipelineSettings:
     # 1f1b: the stages' gradient sums of the regrouped stacks stay sharded over `dp` (ZeRO-2;
     # `pipeline.grad_sums_over_dp`, see `pipeline_loss`'s `grad_shard_axis`)
     grad_sums_over_dp: bool = False
+    # the loss head runs over each microbatch's sequence in this many pieces, each recomputed in the backward
+    # (`pipeline.head_chunks`): only one piece's logits and gathered hidden states are live at a time
+    head_chunks: int = 1
 
     @property
     def enabled(self) -> bool:
@@ -75,8 +78,12 @@ def pipeline_settings(config: ml_collections.ConfigDict, model_cfg: K2Config) ->
     s = PipelineSettings(stages=int(config.mesh.pp), virtual=int(pipe.get("virtual_stages", 1)),
                          microbatches=int(pipe.get("microbatches", 1)), schedule=str(pipe.get("schedule", "gpipe")),
                          regroup_in_compute_dtype=bool(pipe.get("regroup_in_compute_dtype", False)),
-                         grad_sums_over_dp=bool(pipe.get("grad_sums_over_dp", False)))
+                         grad_sums_over_dp=bool(pipe.get("grad_sums_over_dp", False)),
+                         head_chunks=int(pipe.get("head_chunks", 1)))
     sched.validate(s.schedule, s.stages, s.virtual, s.microbatches)
+    if s.head_chunks < 1 or config.seq_len % s.head_chunks:
+        raise ValueError(f"config.pipeline.head_chunks={s.head_chunks} must be >= 1 and divide config.seq_len="
+                         f"{config.seq_len}; pick a divisor of the sequence length (1 = the whole sequence).")
     if s.grad_sums_over_dp and s.schedule != "1f1b":
         raise ValueError("config.pipeline.grad_sums_over_dp needs config.pipeline.schedule='1f1b' (under gpipe "
                          "autodiff owns the gradient sums); set the schedule or drop the flag.")
@@ -179,13 +186,17 @@ def pipelined_decoder_loss(model: K2Model, batch: dict, settings: PipelineSettin
         dense_def, dense_state = nnx.split(model.dense_layers)
         prologue.append((dense_def, (dense_state,), False))
     if before:
-        prologue.append((graphdef, jax.tree.map(lambda a: a[:before], (params, buffers)), True))
+        # one split of each stack, not two slices: its transpose is one concatenate of the two gradients, where
+        # two slices' were zero pads added together (XLA kept their select masks live through the step)
+        leaves, treedef = jax.tree.flatten((params, buffers))
+        parts = [jnp.split(a, [before]) for a in leaves]
+        prologue.append((graphdef, treedef.unflatten([a for a, _ in parts]), True))
+        params, buffers = treedef.unflatten([b for _, b in parts])
     max_logits, counts, dropped = [], [], jnp.zeros((), jnp.int32)
     if prologue:
         x, (ml, c, dropped) = _run_prologue(prologue, x, side, cfg.unroll_layers)
         max_logits.append(ml)
         counts += [c] if c is not None else []
-    params, buffers = jax.tree.map(lambda a: a[before:], (params, buffers))
 
     def stage_fn(p_chunk: Any, b_chunk: Any, x: jax.Array, side: tuple) -> tuple[jax.Array, dict]:
         y, (ml, c, d) = scan_state(graphdef, (p_chunk, b_chunk), x, *side, remat=remat, unroll=cfg.unroll_layers)
@@ -193,9 +204,25 @@ def pipelined_decoder_loss(model: K2Model, batch: dict, settings: PipelineSettin
 
     head_def, head_params, head_rest = nnx.split(model.head_modules(), nnx.Param, ...)
 
-    def head_fn(hp: Any, y: jax.Array, data: dict) -> tuple[jax.Array, dict]:
+    def head_loss(hp: Any, y: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
         norm, proj = nnx.merge(head_def, hp, head_rest)
-        loss, num_tokens = token_loss(project_logits(proj, norm(y)), data["targets"], data["loss_mask"])
+        return token_loss(project_logits(proj, norm(y)), targets, loss_mask)
+
+    def head_fn(hp: Any, y: jax.Array, data: dict) -> tuple[jax.Array, dict]:
+        n = settings.head_chunks
+        if n == 1:
+            loss, num_tokens = head_loss(hp, y, data["targets"], data["loss_mask"])
+            return loss, {"num_tokens": num_tokens}
+        # (rows, seq, ...) -> (n, rows, seq/n, ...): the pieces keep the rows' sharding over the data ranks
+        pieces = lambda a: jnp.moveaxis(a.reshape(a.shape[0], n, a.shape[1] // n, *a.shape[2:]), 1, 0)  # noqa: E731
+
+        def piece(acc: tuple, xs: tuple) -> tuple[tuple, None]:
+            loss, num_tokens = jax.checkpoint(head_loss)(hp, *xs)
+            return (acc[0] + loss, acc[1] + num_tokens), None
+
+        zero = jnp.zeros((), jnp.float32)
+        (loss, num_tokens), _ = jax.lax.scan(piece, (zero, zero),
+                                             (pieces(y), pieces(data["targets"]), pieces(data["loss_mask"])))
         return loss, {"num_tokens": num_tokens}
 
     regroup_dtypes = None

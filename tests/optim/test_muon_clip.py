@@ -154,14 +154,19 @@ def test_decoupled_weight_decay_on_muon_leaves():
                                atol=1e-7)
 
 
-def test_branches_match_optax_adamw_and_optax_muon():
-    """Three steps on the tiny model: AdamW leaves == optax.adamw, Muon leaves == optax.contrib.muon(consistent_rms)."""
+@pytest.mark.parametrize("mu_dtype", [None, jnp.bfloat16], ids=["mu_f32", "mu_bf16"])
+def test_branches_match_optax_adamw_and_optax_muon(mu_dtype):
+    """Three steps on the tiny model: AdamW leaves == optax.adamw, Muon leaves == optax.contrib.muon(consistent_rms),
+    also with the Muon momentum stored in bfloat16 (`muon_mu_dtype`, against optax's own `mu_dtype`)."""
     _, params = model_and_params(tiny())
     labels = flat(label_params(params))
     sched = optax.linear_schedule(1e-2, 5e-3, 10)
     kw = {"weight_decay": 0.1, "eps": 1e-8}
-    opt = muon_clip(params, learning_rate=sched, **kw)
+    opt = muon_clip(params, learning_rate=sched, muon_mu_dtype=mu_dtype, **kw)
     state = opt.init(params)
+    mus = [x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, MuonState))
+           if isinstance(x, MuonState)]
+    assert mus and {m.dtype for s in mus for m in jax.tree.leaves(s.mu)} == {jnp.dtype(mu_dtype or jnp.float32)}
 
     fp = flat(params)
     adam_p = {k: jnp.asarray(v) for k, v in fp.items() if labels[k] == ADAMW}
@@ -169,7 +174,7 @@ def test_branches_match_optax_adamw_and_optax_muon():
     ref_adam = optax.adamw(sched, b1=0.9, b2=0.95, nesterov=False, **kw)
     dims = {k: MuonDimensionNumbers(v.ndim - 2, v.ndim - 1) for k, v in muon_p.items()}
     ref_muon = optax.contrib.muon(sched, ns_steps=5, beta=0.95, nesterov=True, consistent_rms=0.2,
-                                  muon_weight_dimension_numbers=dims, **kw)
+                                  muon_weight_dimension_numbers=dims, mu_dtype=mu_dtype, **kw)
     s_adam, s_muon = ref_adam.init(adam_p), ref_muon.init(muon_p)
 
     step, adam_step, muon_step = jax.jit(opt.update), jax.jit(ref_adam.update), jax.jit(ref_muon.update)

@@ -42,7 +42,7 @@ def _batch(b: int, s: int, vocab: int) -> dict:
             "segment_ids": np.ones((b, s), np.int32), "loss_mask": (rng.random((b, s)) < 0.9).astype(np.int32)}
 
 
-def _loss_and_grads(shard_vocab: bool, pipelined: bool) -> tuple[float, dict, dict]:
+def _loss_and_grads(shard_vocab: bool, pipelined: bool, head_chunks: int = 1) -> tuple[float, dict, dict]:
     """Loss (mean over tokens), gradients by name, and the stored spec of each vocab-sized leaf."""
     cfg = tiny(num_hidden_layers=5, shard_vocab=shard_vocab)  # 1 dense + 4 MoE layers
     mesh = make_mesh(MESH)
@@ -51,7 +51,7 @@ def _loss_and_grads(shard_vocab: bool, pipelined: bool) -> tuple[float, dict, di
     for state in (params, rest):
         nnx.replace_by_pure_dict(state, jax.device_put(nnx.to_pure_dict(state), state_shardings(state, mesh)))
     batch = jax.device_put(_batch(16, 16, cfg.vocab_size), batch_sharding(mesh))
-    settings = PipelineSettings(stages=2, virtual=2, microbatches=2, schedule="1f1b")
+    settings = PipelineSettings(stages=2, virtual=2, microbatches=2, schedule="1f1b", head_chunks=head_chunks)
 
     def loss(p):
         m = nnx.merge(graphdef, p, rest)
@@ -73,6 +73,19 @@ def test_vocab_sharded_equals_replicated(pipelined):
     loss1, g1, specs1 = _loss_and_grads(True, pipelined)
     assert all(s == P(None, None) for s in specs0.values()), specs0
     assert set(specs1.values()) == {P(None, ("pp", "dp", "ep")), P(("pp", "dp", "ep"), None)}, specs1
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+    assert set(g1) == set(g0)
+    for name, g in g0.items():
+        assert_close_at_scale(g1[name], g, rtol=1e-5, err_msg=name)
+
+
+def test_head_chunks_equal_the_whole_sequence():
+    """`pipeline.head_chunks`: the vocab-sharded loss head over a microbatch's sequence in 4 pieces, each
+    recomputed in its backward, gives the whole sequence's loss and gradients. The pieces' logits are the same
+    dot products; only the loss's sum over tokens and the head's gradient sum are split in four partial sums
+    (float32 reassociation): the tolerance of the sharded-vs-replicated test above."""
+    loss0, g0, _ = _loss_and_grads(True, True)
+    loss1, g1, _ = _loss_and_grads(True, True, head_chunks=4)
     np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
     assert set(g1) == set(g0)
     for name, g in g0.items():

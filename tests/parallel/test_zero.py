@@ -140,3 +140,41 @@ def test_layer_by_layer_in_place_equals_lax_map():
         xs = jax.device_put(x, NamedSharding(mesh, P("dp", "ep")))
         got = jax.jit(lambda x: _layer_by_layer(f, x))(xs)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_muon_layer_stack_over_the_gram_budget_runs_layer_by_layer(monkeypatch):
+    """A stack of single matrices per layer (attention projections) whose f32 Gram matrices together pass
+    `GRAM_BUDGET_BYTES` is orthogonalised layer by layer too, on the ZeRO-1 layout: equal to the all-at-once
+    vmap it replaces (as the expert stack above); under the budget it stays one vmap. (At this size the loop
+    needs more temporary bytes than the vmap; the saving is one layer's Grams against all, which the K2 plan
+    measures: BUILD_NOTES.md.)"""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from optax.contrib._muon import _DEFAULT_NS_COEFFS
+
+    from k25.optim import muon_clip
+    from k25.optim.muon_clip import _newton_schulz, scale_by_batched_muon
+
+    mesh = make_mesh({"pp": 1, "dp": 2, "ep": 4})
+    shape = (4, 512, 256)  # Grams 4 x 256^2 x 4 bytes = 1 MiB
+    sh = NamedSharding(mesh, zero1_spec(shape, P(None, None, None), mesh, muon=True, expert=False))
+    g = jax.device_put(jax.random.normal(jax.random.key(5), shape), sh)
+    ns = functools.partial(_newton_schulz, coeffs=jnp.asarray(_DEFAULT_NS_COEFFS), steps=5, eps=1e-8)
+    want = jax.jit(jax.vmap(ns))((1 + 0.95 / 1.95) * g)  # step 1: Nesterov mu_hat is a multiple of the gradient
+    calls = []
+    layer_by_layer = muon_clip._layer_by_layer
+    monkeypatch.setattr(muon_clip, "_layer_by_layer", lambda f, x: calls.append(x.shape) or layer_by_layer(f, x))
+    out = {}
+    for budget in (1 << 20, 4 * 256 * 256 * 4 - 1):  # under the budget, then just over it
+        monkeypatch.setattr(muon_clip, "GRAM_BUDGET_BYTES", budget)
+        tx = scale_by_batched_muon()
+        state = jax.tree.map(lambda s: jax.device_put(s, sh) if s.shape == shape else s, tx.init({"w": g}))
+        with jax.set_mesh(mesh):
+            update = jax.jit(lambda g, s, tx=tx: tx.update(g, s)[0])
+            out[budget] = update({"w": g}, state)["w"]
+    assert calls == [shape]  # only the over-budget run went layer by layer
+    for got in out.values():
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

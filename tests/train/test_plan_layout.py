@@ -28,8 +28,8 @@ def test_k2_full_layout_lowers_on_512_emulated_devices(tmp_path):
     assert plan["param_bytes_per_device"] < 20e9
     # selective recomputation + FP8 residuals + 1F1B slots in host memory (the layout's defaults). XLA:CPU has one
     # memory space, so the host share is accounted (plan.json `memory_accounting`). Measured (BUILD_NOTES.md, K2
-    # layout memory): 75.0 GB device, 119.2 GB host, 189.2 GB compiled per device, since each unit's gradient is
-    # reduced whole before the dp-sharded sum (93.3 / 207.4 GB before). The report's accelerators have 80 GB.
+    # layout memory): 67.9 GB device, 119.2 GB host, 182.1 GB compiled per device (93.3 / 207.4 GB at the start of
+    # the round that brought it under 80 GB). The report's accelerators have 80 GB.
     assert plan["memory_accounting"] and plan["host_bytes_per_device"] > 100e9
-    assert plan["peak_bytes_per_device"] < plan["compiled_peak_bytes_per_device"] < 195e9
+    assert plan["peak_bytes_per_device"] < plan["compiled_peak_bytes_per_device"] < 185e9
     assert plan["peak_bytes_per_device"] <= 80e9, plan
