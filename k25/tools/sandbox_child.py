@@ -660,6 +660,7 @@ class Session:
         return "".join(line for line in lines if me not in line).rstrip()
 
     def run(self, code: str, timeout_s: float) -> tuple[str, str | None]:
+        global _INTERRUPTIBLE
         self.count += 1
         self.images, self.notes = [], []
         name = f"<cell-{self.count}>"
@@ -679,6 +680,7 @@ class Session:
         except (ValueError, OSError):
             pass  # user code lowered the hard limit; the wall-time alarm and the parent's kill still apply
         sys.stdout = sys.stderr = out
+        _INTERRUPTIBLE = True
         signal.setitimer(signal.ITIMER_REAL, timeout_s)
         try:
             tree = ast.parse(code, name, "exec")
@@ -701,6 +703,7 @@ class Session:
         except BaseException as e:  # noqa: BLE001 - user code's exceptions (SystemExit included) are its results
             error = self._format_error(e)
         finally:
+            _INTERRUPTIBLE = False
             signal.setitimer(signal.ITIMER_REAL, 0)
             sys.stdout, sys.stderr = saved
         text = out.getvalue()
@@ -720,12 +723,26 @@ class Session:
         return specs, blobs
 
 
+# Whether a limit signal may interrupt: set while a cell's code runs, cleared by the first interruption and when
+# the cell ends. The wall-time alarm and the CPU-time signal can both fire for one cell; the second, arriving
+# while the first is being handled or after the cell returned, would otherwise raise outside any handler and
+# end the session process (exit code 1) instead of reporting the timeout.
+_INTERRUPTIBLE = False
+
+
+def _interrupt(message: str) -> None:
+    global _INTERRUPTIBLE
+    if _INTERRUPTIBLE:
+        _INTERRUPTIBLE = False
+        raise SandboxTimeout(message)
+
+
 def _on_alarm(signum, frame):
-    raise SandboxTimeout("TimeoutError: wall-time limit reached")
+    _interrupt("TimeoutError: wall-time limit reached")
 
 
 def _on_xcpu(signum, frame):
-    raise SandboxTimeout("TimeoutError: CPU-time limit reached")
+    _interrupt("TimeoutError: CPU-time limit reached")
 
 
 def main() -> None:
