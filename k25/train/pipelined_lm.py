@@ -209,20 +209,18 @@ def pipelined_decoder_loss(model: K2Model, batch: dict, settings: PipelineSettin
         return token_loss(project_logits(proj, norm(y)), targets, loss_mask)
 
     def head_fn(hp: Any, y: jax.Array, data: dict) -> tuple[jax.Array, dict]:
-        n = settings.head_chunks
+        n, inputs = settings.head_chunks, (y, data["targets"], data["loss_mask"])
         if n == 1:
-            loss, num_tokens = head_loss(hp, y, data["targets"], data["loss_mask"])
-            return loss, {"num_tokens": num_tokens}
-        # (rows, seq, ...) -> (n, rows, seq/n, ...): the pieces keep the rows' sharding over the data ranks
-        pieces = lambda a: jnp.moveaxis(a.reshape(a.shape[0], n, a.shape[1] // n, *a.shape[2:]), 1, 0)  # noqa: E731
+            loss, num_tokens = head_loss(hp, *inputs)
+        else:  # (rows, seq, ...) -> (n, rows, seq/n, ...): the pieces keep the rows' sharding over the data ranks
+            pieces = [jnp.moveaxis(a.reshape(a.shape[0], n, a.shape[1] // n, *a.shape[2:]), 1, 0) for a in inputs]
 
-        def piece(acc: tuple, xs: tuple) -> tuple[tuple, None]:
-            loss, num_tokens = jax.checkpoint(head_loss)(hp, *xs)
-            return (acc[0] + loss, acc[1] + num_tokens), None
+            def piece(acc: tuple, xs: list) -> tuple[tuple, None]:
+                loss, num_tokens = jax.checkpoint(head_loss)(hp, *xs)
+                return (acc[0] + loss, acc[1] + num_tokens), None
 
-        zero = jnp.zeros((), jnp.float32)
-        (loss, num_tokens), _ = jax.lax.scan(piece, (zero, zero),
-                                             (pieces(y), pieces(data["targets"]), pieces(data["loss_mask"])))
+            zero = jnp.zeros((), jnp.float32)
+            (loss, num_tokens), _ = jax.lax.scan(piece, (zero, zero), pieces)
         return loss, {"num_tokens": num_tokens}
 
     regroup_dtypes = None
