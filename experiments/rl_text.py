@@ -10,10 +10,16 @@ ARG:
                 50 steps (held-out 0.28; 150 steps reach 0.71, which leaves RL too little headroom to measure).
   "" (default)  RL from `init_from`: exact-match reward, K=8, Eq. 1, dynamic sampling (groups with equal
                 rewards dropped), 480 steps; `eval/accuracy` at step 0, every 40 steps and at the end.
-  toggle        the same with Toggle (Eq. 2) on; compare output tokens at matched accuracy with "".
+  toggle_warmup the `lm` stage on the stepwise task (worked steps, 0-2 redundant re-checks, then "Answer: N"):
+                responses of one problem vary ~2.5x in length at equal correctness.
+  toggle        RL from the toggle warm-up with Toggle (Eq. 2) on; `toggle_off` is the same run with Toggle
+                off. Compare `response_length` (sampled) and `eval/response_length` at matched accuracy.
   mismatch_k25 | mismatch_none | mismatch_tis | mismatch_icepop
                 the sampler in bfloat16 (weights and compute) while the trainer runs float32: Eq. 1 against
                 no correction, truncated importance sampling and IcePop.
+  noise_k25 | noise_none | noise_tis | noise_icepop
+                the same four with a mismatch the corrections act on: the rollout sampler's weights get seeded
+                multiplicative noise (`rl.sampler.weight_noise`, k25.rl.weight_noise), the trainer's do not.
   smoke         a few steps of a smaller model, for tests.
 
 `python -m experiments.rl_text plot OUT.png RUN_DIR...` draws the curves of runs (rewards, eval/accuracy,
@@ -30,6 +36,10 @@ from k25.model.config import tiny
 from k25.rl.trainer import default_rl_config
 
 MISMATCH = ("k25", "none", "tis", "icepop")
+TOGGLE_WARMUP_STEPS = 300
+NOISE = 0.2  # relative weight noise of the `noise_*` sampler
+NOISE_STEPS = 160
+TOGGLE_RL_STEPS = 200
 
 
 def _model(c: ml_collections.ConfigDict, hidden: int = 128, layers: int = 4) -> None:
@@ -49,10 +59,33 @@ def warmup_config() -> ml_collections.ConfigDict:
     return c
 
 
+def toggle_warmup_config() -> ml_collections.ConfigDict:
+    c = warmup_config()
+    c.data.sources = {"stepwise": 1.0}
+    c.seq_len = 96  # bos + prompt (14) + the longest response (71) + eos
+    c.total_steps, c.checkpoint_every = TOGGLE_WARMUP_STEPS, TOGGLE_WARMUP_STEPS
+    c.eval_max_new_tokens = 80
+    return c
+
+
+def _toggle_task(c: ml_collections.ConfigDict) -> None:
+    """The stepwise task for the Toggle pair; the two runs differ only in `rl.toggle.enabled`."""
+    c.data.sources = {"stepwise": 1.0}
+    c.rl.tasks = {"stepwise": 1.0}
+    c.seq_len = 96
+    for k in ("max_response_tokens", "max_turn_tokens", "tokens_per_iteration"):
+        c.rl.rollout[k] = 80  # the longest response is 71 tokens: no correct answer is ever cut off
+    c.rl.sampler.eval_max_new_tokens = 80
+    c.rl.toggle.m = 5
+    c.total_steps, c.eval_every, c.checkpoint_every = TOGGLE_RL_STEPS, 20, TOGGLE_RL_STEPS
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = arg or ""
     if arg == "warmup":
         return warmup_config()
+    if arg == "toggle_warmup":
+        return toggle_warmup_config()
     c = base_config()
     _model(c)
     c.stage = "rl"
@@ -75,17 +108,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 0
     c.optim.schedule = "constant"
     c.optim.weight_decay = 0.0  # RL moves the warmed-up weights a little; no pull towards zero
-    if arg == "toggle":
-        c.rl.toggle.enabled = True
-        c.rl.toggle.m = 5
-    elif arg.startswith("mismatch_"):
-        corr = arg.removeprefix("mismatch_")
+    if arg in ("toggle", "toggle_off"):
+        _toggle_task(c)
+        c.rl.toggle.enabled = arg == "toggle"
+    elif arg.startswith(("mismatch_", "noise_")):
+        kind, _, corr = arg.partition("_")
         if corr not in MISMATCH:
-            raise ValueError(f"rl_text: unknown ARG {arg!r}; mismatch variants: {['mismatch_' + m for m in MISMATCH]}")
+            raise ValueError(f"rl_text: unknown ARG {arg!r}; variants: {[kind + '_' + m for m in MISMATCH]}")
         c.rl.loss.correction = corr
-        c.rl.sampler.dtype = "bfloat16"
         c.model.dtype = "float32"
-        c.total_steps, c.eval_every, c.checkpoint_every = 30, 10, 30
+        if kind == "mismatch":
+            c.rl.sampler.dtype = "bfloat16"
+            c.total_steps, c.eval_every, c.checkpoint_every = 30, 10, 30
+        else:  # a mismatch large enough for the corrections to act on (k25.rl.weight_noise)
+            c.rl.sampler.weight_noise = NOISE
+            c.total_steps, c.eval_every, c.checkpoint_every = NOISE_STEPS, 40, NOISE_STEPS
     elif arg == "smoke":
         _model(c, hidden=64, layers=2)
         c.rl.group_size = 4
@@ -102,7 +139,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.progress_bar = False
         c.rl.drop_uniform_groups = False  # an untrained policy's groups are all wrong: nothing would be left
     elif arg:
-        raise ValueError(f"rl_text: unknown ARG {arg!r}; use '', warmup, toggle, smoke or mismatch_*.")
+        raise ValueError(f"rl_text: unknown ARG {arg!r}; use '', warmup, toggle_warmup, toggle, toggle_off, smoke, "
+                         "mismatch_* or noise_*.")
     return c
 
 

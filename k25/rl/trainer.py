@@ -49,6 +49,7 @@ from k25.rl.loss import PolicyLossConfig, group_advantages, policy_loss
 from k25.rl.media import MediaStore
 from k25.rl.rollout import EnvPool, Episode, RolloutConfig, RolloutManager, SamplerPolicy
 from k25.rl.toggle import Toggle, ToggleConfig
+from k25.rl.weight_noise import perturb_weights
 from k25.train.init_from import copy_into
 from k25.train.joint import stack_rows, vision_budgets
 from k25.train.multimodal import dep_enabled, prepare_batch
@@ -91,6 +92,9 @@ def default_rl_config() -> ml_collections.ConfigDict:
     rl.sampler = ml_collections.ConfigDict(dict(
         max_slots=64,
         dtype="",  # the sampler's compute and parameter dtype; "" = the trainer's (config.model)
+        # relative std of the seeded noise multiplied into the rollout sampler's weights at every push
+        # (k25.rl.weight_noise): a train/inference mismatch of chosen size; 0 = the trainer's weights exactly
+        weight_noise=0.0,
         cache_dtype="float32",
         min_bucket=64,  # smallest prefill/decode-window bucket: short contexts compile one shape
         eval_max_new_tokens=16,  # per turn of a held-out episode
@@ -150,6 +154,9 @@ class RLStage(TextLMStage):
         if self.loss_cfg.normalization == "sequence" and config.optim.accum_steps > 1:
             raise ValueError("config.rl.loss.normalization='sequence' is a per-microbatch mean; use "
                              "config.optim.accum_steps=1 with it")
+        if not float(rl.sampler.get("weight_noise", 0.0)) >= 0:
+            raise ValueError(f"config.rl.sampler.weight_noise={rl.sampler.weight_noise}: a relative noise scale "
+                             ">= 0 (0 = the trainer's weights exactly)")
         self.toggle_cfg = ToggleConfig(**rl.toggle.to_dict())
         synthetic = (config.get("data") or {}).get("synthetic") or {}
         self.sources = {name: vision.VisionSource(name) if vision.is_vision(name) else
@@ -290,9 +297,14 @@ class RLStage(TextLMStage):
                              f"{cap}; raise it or lower config.rl.vision.tool_images / max_tool_image_pixels")
         return px
 
-    def push_weights(self, params: Any, buffers: Any) -> None:
-        """Copy the trainer's weights into the sampler (a copy: the training step donates its state)."""
+    def push_weights(self, params: Any, buffers: Any, step: int | None = None) -> None:
+        """Copy the trainer's weights into the sampler (a copy: the training step donates its state). With a
+        `step` (rollouts, not evaluation) and `rl.sampler.weight_noise` > 0 the sampler gets perturbed weights
+        (`k25.rl.weight_noise`): a controlled train/inference mismatch."""
         params, buffers = _copy((params, buffers))
+        noise = float(self.rl.sampler.get("weight_noise", 0.0))
+        if step is not None and noise:
+            params = perturb_weights(params, noise, int(self.config.seed), step)
         if self.sampler is None:
             self.ensure_sampler(params, buffers)
         else:
@@ -422,7 +434,7 @@ class RLIterator:
 
     # -------------------------------------------------------------------------------- the loop's hooks
     def observe_state(self, state: Any, step: int) -> None:
-        self.stage.push_weights(state.params, state.buffers)
+        self.stage.push_weights(state.params, state.buffers, step=int(step))
         self.version = int(step)
         if self.manager is not None:
             self.manager.version = self.version

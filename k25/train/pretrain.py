@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from k25.data.pipeline import make_eval_examples, make_train_iterator
-from k25.data.synthetic.text import exact_match
+from k25.data.synthetic import TASKS
 from k25.data.tokenizer import load_tokenizer
 from k25.model.config import K2Config
 from k25.model.decoder import K2Model
@@ -109,7 +109,8 @@ class TextLMStage:
         for task, examples in sets.items():
             preds = greedy_decode(logits_fn, [e["prompt_ids"] for e in examples], c.eval_max_new_tokens,
                                   tok.pad_id, tok.eos_id)
-            hits = [exact_match(tok.decode(p), e["answer"]) for p, e in zip(preds, examples)]
+            score = TASKS[task].score
+            hits = [score(tok.decode(p), e) for p, e in zip(preds, examples)]
             metrics[f"eval/{task}_exact"] = float(np.mean(hits))
         if sets:
             metrics["eval/mean_exact"] = float(np.mean([metrics[f"eval/{t}_exact"] for t in sets]))

@@ -79,6 +79,12 @@ class TextTask(abc.ABC):
 
     exact_match = staticmethod(exact_match)
 
+    @staticmethod
+    def score(pred: str, example: Example) -> bool:
+        """Held-out right/wrong of a greedy continuation: `exact_match` with the example's answer. A task whose
+        answer text is not the thing checked (worked steps before a final answer) overrides it."""
+        return exact_match(pred, example["answer"])
+
 
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
