@@ -16,7 +16,9 @@ ARG:
                 answer directly. Logs `eval/accuracy` (mean reward on held-out vision tasks, greedy),
                 `eval/solved` (strictly right answers), `eval/tool_call_rate` and `eval/text/*` (held-out
                 text exact match and token accuracy) at step 0 and at the end.
-  smoke         a few steps of a fresh tiny K2.5 (no init_from), for tests.
+  joint         the same with the text task(s) of TEXT_TASKS beside the vision kinds, drawn into the same
+                batches (rows with and without images): joint text-vision RL.
+  smoke         a few steps of a fresh tiny K2.5 (no init_from), vision and text tasks mixed, for tests.
 
 The model comes from `init_from` (or `config.lm` + `config.vision`); the stage dispatches on that config
 having a vision part, so the same file drives any K2.5 size. `python -m experiments.rl_vision plot OUT.png
@@ -32,12 +34,13 @@ from experiments.common import base_config
 from k25.rl.trainer import default_rl_config
 
 KINDS = ("counting", "grounding", "ocr", "chart")
+TEXT_TASKS = ("reasoning",)  # synthetic text tasks of `:joint` (chat format, exact-match reward)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = arg or ""
-    if arg not in ("", "smoke"):
-        raise ValueError(f"rl_vision: unknown ARG {arg!r}; use '' (default) or smoke.")
+    if arg not in ("", "joint", "smoke"):
+        raise ValueError(f"rl_vision: unknown ARG {arg!r}; use '' (default), joint or smoke.")
     c = base_config()
     c.stage = "rl"
     c.init_from = ""  # a K2.5 run directory (e.g. /tmp/zv/zero_vision) or an HF checkpoint directory
@@ -68,11 +71,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 0
     c.optim.schedule = "constant"
     c.optim.weight_decay = 0.0
+    if arg == "joint":  # text and vision tasks in one run, one batch: the report's joint multimodal RL
+        c.rl.tasks = {**c.rl.tasks.to_dict(), **{t: 1.0 for t in TEXT_TASKS}}
     if arg == "smoke":
         smoke = k25_joint.get_config("smoke")
         c.lm, c.vision = smoke.lm, smoke.vision
         c.lm.vocab_size = 278  # the chat format's byte vocabulary
-        c.rl.tasks = {"vision/counting": 1.0, "vision/grounding": 1.0}
+        # a text task beside the vision ones: batches mix rows with and without images (joint RL)
+        c.rl.tasks = {"vision/counting": 1.0, "vision/grounding": 1.0, "reasoning": 1.0}
         c.rl.group_size = 2
         c.batch_size = 4
         c.seq_len = 400

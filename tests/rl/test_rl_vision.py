@@ -86,6 +86,8 @@ def test_planned_policy_loss_equals_eq1_on_the_plain_k25_logits():
 def test_vision_episodes_carry_image_references_and_rebuild_them():
     """Prompt images are references rebuilt from the task seed; the sampler's pixels match the references."""
     stage = RLStage(smoke())
+    drawn = {stage.task(i, 7).id.split(":")[0] for i in range(24)}
+    assert drawn == {"vision/counting", "vision/grounding", "reasoning"}  # text and vision in one stream
     a, b = stage.task(3, 7), stage.task(3, 7)
     assert a.to_dict() == b.to_dict() and "data:" not in json.dumps(a.to_dict())
     env = stage.make_env()
@@ -123,7 +125,7 @@ def test_smoke_runs_through_the_cli_and_logs_the_keys(tmp_path):
     assert [r["step"] for r in m] == [0, 1, 2, 3]
     for r in (m[0], m[-1]):  # before and after: vision held-out and the text held-out (Table 2 analog)
         for key in ("eval/accuracy", "eval/solved", "eval/tool_call_rate", "eval/text/mean_exact",
-                    "eval/text/mean_token_acc", "eval/text/reasoning_exact"):
+                    "eval/text/mean_token_acc", "eval/text/reasoning_exact", "eval/reasoning_accuracy"):
             assert key in r, key
     for r in m[1:]:
         assert np.isfinite(r["loss"]) and r["num_tokens"] > 0 and 0.0 <= r["reward"] <= 1.0
