@@ -38,10 +38,16 @@ def model_config(config: dict[str, Any]) -> K2Config | K25Config:
     if "model_config" in config:
         kind, d = config["model_config"]["kind"], config["model_config"]["config"]
         return K25Config.from_dict(d) if kind == "k25" else K2Config.from_dict(d)
-    if config.get("stage") == "sft":  # the sft stage's model: init_from's (or lm + vision / model), chat media ids
+    # the sft stage's model, and the rl stage's K2.5 policy (an rl run without `model`): init_from's (or
+    # lm + vision / model), with the chat format's media ids
+    k25_rl = config.get("stage") == "rl" and "model" not in config
+    if config.get("stage") == "sft" or k25_rl:
         from k25.train.sft import source_model_config, with_chat_media_ids
 
-        tokenizer = (config.get("data") or {}).get("tokenizer", "byte")
+        if k25_rl:
+            tokenizer = (config.get("rl") or {}).get("chat_format", "byte")
+        else:
+            tokenizer = (config.get("data") or {}).get("tokenizer", "byte")
         if config.get("init_from"):
             return source_model_config(config["init_from"], tokenizer)
         from k25.data.chat import load_chat_format
@@ -59,7 +65,7 @@ def _built_config(config: dict[str, Any]) -> K2Config | K25Config:
     if "model" in config:
         return K2Config.from_dict(config["model"])
     raise ValueError("config.json of the run holds no model config (model_config, model, lm + vision, or "
-                     "init_from for the sft stage); this run trains no K2 / K2.5 model.")
+                     "init_from for the sft and rl stages); this run trains no K2 / K2.5 model.")
 
 
 HF_FILES = "hf"  # the source HF directory's other files (tokenizer, chat template, generation config)

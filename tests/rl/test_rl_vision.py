@@ -130,6 +130,12 @@ def test_smoke_runs_through_the_cli_and_logs_the_keys(tmp_path):
             assert key in r, key
     for r in m[1:]:
         assert np.isfinite(r["loss"]) and r["num_tokens"] > 0 and 0.0 <= r["reward"] <= 1.0
+    # the run directory loads as the K2.5 policy it trained (to serve or evaluate it), with the chat media ids
+    from k25.train.rundir import load_model
+
+    stage = RLStage(smoke())
+    model = load_model(str(out))
+    assert model.cfg == stage.model_cfg
 
 
 @pytest.mark.slow
