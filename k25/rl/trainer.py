@@ -301,10 +301,11 @@ class RLStage(TextLMStage):
         """Copy the trainer's weights into the sampler (a copy: the training step donates its state). With a
         `step` (rollouts, not evaluation) and `rl.sampler.weight_noise` > 0 the sampler gets perturbed weights
         (`k25.rl.weight_noise`): a controlled train/inference mismatch."""
-        params, buffers = _copy((params, buffers))
         noise = float(self.rl.sampler.get("weight_noise", 0.0))
-        if step is not None and noise:
-            params = perturb_weights(params, noise, int(self.config.seed), step)
+        if step is not None and noise:  # the perturbed weights are new arrays already: only the buffers need a copy
+            params, buffers = perturb_weights(params, noise, int(self.config.seed), step), _copy(buffers)
+        else:
+            params, buffers = _copy((params, buffers))
         if self.sampler is None:
             self.ensure_sampler(params, buffers)
         else:

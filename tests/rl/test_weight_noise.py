@@ -41,9 +41,9 @@ def test_rollout_pushes_are_perturbed_and_evaluation_pushes_are_not():
     clean = jax.tree.leaves(params)
 
     def sampler_params():  # the sampler's copy of each parameter, found by its path in the trainer's tree
-        out = []
+        out, state = [], nnx.to_pure_dict(stage.sampler.state)
         for path in paths:
-            node = nnx.to_pure_dict(stage.sampler.state)
+            node = state
             for k in path:
                 node = node[k.key]
             out.append(np.asarray(node))
