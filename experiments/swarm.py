@@ -28,6 +28,14 @@ widest swarms lose to it and the narrowest are worse than serial, so the ablatio
   parl_contention_no_finish    the same without r_finish (λ2 = 0).
   `python -m experiments.swarm landscape [ARG]` prints the held-out task reward per width under ARG's setting.
 
+The whole orchestrator in the chat format (`config.parl.env="chat"`: the model writes Appendix E's
+create_subagent / assign_task calls and the answer itself, through k25.swarm.parl.ParlEnv), on deep search:
+  warmup_chat       the `sft` stage on the scripted orchestrator's deep-search episodes (source
+                    `swarm_orchestrator`, k25/swarm/trajectories.py), a fresh 2-layer 128-wide K2.
+  parl_chat         PARL from `init_from` (a `warmup_chat` run) with frozen scripted subagents; held-out
+                    deep-search questions under a 24-step budget.
+  chat_smoke        one chat PARL step of a fresh tiny model, for tests.
+
 Every run logs `eval/item_f1`, `eval/row_f1`, `eval/critical_steps` (mean per episode) and
 `eval/subagents_per_episode` over every held-out task (12) under every budget (16, 24, 40 critical steps).
 """
@@ -98,6 +106,54 @@ def contention_config(lambda1: float = 0.3, lambda2: float = 0.3) -> ml_collecti
     return c
 
 
+def _chat_model(c: ml_collections.ConfigDict, hidden: int = 128, layers: int = 2) -> None:
+    # episodes are ~2.5k byte tokens: attention in 256-row blocks keeps the (s, s) scores out of memory and
+    # is the fastest block size measured on the 2-core CPU (2.8 s for batch 4 x 2816, 3.5 s at 512)
+    c.model = model_config_dict(tiny(vocab_size=278, hidden_size=hidden, num_hidden_layers=layers,
+                                     attention_chunk=256, max_position_embeddings=4096))
+
+
+def warmup_chat_config() -> ml_collections.ConfigDict:
+    """SFT of a fresh orchestrator on the scripted orchestrator's deep-search episodes (chat format)."""
+    from k25.train.sft import default_sft_data_config
+
+    c = base_config()
+    c.stage = "sft"
+    _chat_model(c)
+    c.data = default_sft_data_config()
+    c.data.sources = {"swarm_orchestrator_compact": 400}
+    c.data.eval_conversations = 8
+    c.total_steps, c.batch_size, c.seq_len = 250, 4, 2816
+    c.data.drop_long = True
+    c.log_every, c.eval_every, c.checkpoint_every = 25, 125, 125
+    c.eval_examples, c.eval_at_start = 1, False
+    c.optim.lr, c.optim.warmup_steps = 3e-3, 20
+    return c
+
+
+def chat_config() -> ml_collections.ConfigDict:
+    """PARL of the whole chat-format orchestrator on deep search (see the module docstring)."""
+    c = parl_config()
+    _chat_model(c)
+    c.rl.format, c.rl.chat_format = "chat", "byte"
+    c.parl.env, c.parl.kinds, c.parl.budgets = "chat", ("deep_search",), (24,)
+    c.parl.prompt = "compact"  # as the warm-up's conversations (swarm_orchestrator_compact)
+    c.parl.train_tasks = 400  # the deep-search training stream the warm-up's conversations came from
+    c.rl.group_size, c.batch_size, c.seq_len = 4, 16, 2816
+    c.rl.rollout.max_response_tokens = 1536  # the orchestrator's turns and what comes back to it
+    c.rl.rollout.max_turn_tokens = 768
+    c.rl.rollout.tokens_per_iteration = 1536
+    c.rl.sampler.max_slots = 16
+    c.rl.sampler.min_bucket = 64
+    c.rl.sampler.eval_max_new_tokens = 768
+    c.rl.sampler.eval_max_response_tokens = 1536
+    c.parl.reward.parallel_target = 4
+    c.eval_examples = 10  # held-out deep-search questions
+    c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 20, 1, 10, 5
+    c.optim.lr = 1e-3
+    return c
+
+
 def baseline_config(policy: str) -> ml_collections.ConfigDict:
     c = parl_config()
     c.parl.policy = policy
@@ -130,6 +186,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         return contention_config(lambda1=0.0)
     if arg == "parl_contention_no_finish":
         return contention_config(lambda2=0.0)
+    if arg == "warmup_chat":
+        return warmup_chat_config()
+    if arg == "parl_chat":
+        return chat_config()
+    if arg == "chat_smoke":
+        c = chat_config()
+        _chat_model(c, hidden=32, layers=1)
+        c.parl.train_tasks = 8
+        c.rl.group_size, c.batch_size, c.seq_len = 2, 4, 2560
+        c.rl.rollout.max_response_tokens = c.rl.rollout.tokens_per_iteration = 48
+        c.rl.rollout.max_turn_tokens = 48
+        c.rl.sampler.max_slots = 4
+        c.rl.sampler.eval_max_new_tokens = c.rl.sampler.eval_max_response_tokens = 48
+        c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 1, 1, 0, 1
+        c.eval_examples, c.eval_at_start = 2, False
+        c.async_checkpoints = False
+        c.progress_bar = False
+        return c
     if arg == "smoke":
         c = parl_config()
         _model(c, hidden=32, layers=1)
@@ -144,7 +218,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         return c
     raise ValueError(f"swarm: unknown ARG {arg!r}; use single, swarm, warmup, parl, parl_no_parallel, "
                      "parl_no_finish, smoke, swarm_contention, warmup_serial, parl_contention, "
-                     "parl_contention_no_parallel or parl_contention_no_finish.")
+                     "parl_contention_no_parallel, parl_contention_no_finish, warmup_chat, parl_chat or "
+                     "chat_smoke.")
 
 
 def plot(out: str, run_dirs: list[str]) -> None:

@@ -71,17 +71,23 @@ def parl_reward(stages: Sequence[Mapping], perf: float, step: int, config: ParlR
             "critical_steps": float(critical_steps(stages)), "subagents": float(launched)}
 
 
-def swarm_rl_task(task: SwarmTask, system_prompt: str = ORCHESTRATOR_SYSTEM_PROMPT) -> Task:
-    """An offline swarm task as an RL task (JSON-able, so partial rollouts can carry it)."""
-    return Task(id=task.task_id, messages=[{"role": "system", "content": system_prompt},
-                                           {"role": "user", "content": task.prompt}],
-                target={"kind": task.kind, "gold": task.gold}, meta={"split": task.split, **task.info})
+def swarm_rl_task(task: SwarmTask, system_prompt: str = ORCHESTRATOR_SYSTEM_PROMPT,
+                  budget: int | None = None) -> Task:
+    """An offline swarm task as an RL task (JSON-able, so partial rollouts can carry it). `budget`: the
+    episode's critical-step budget (None: the environment's `SwarmConfig.max_critical_steps`)."""
+    target: dict[str, Any] = {"kind": task.kind, "gold": task.gold}
+    if budget is not None:
+        target["budget"] = int(budget)
+    return Task(id=task.task_id if budget is None else f"{task.task_id}@b{budget}",
+                messages=[{"role": "system", "content": system_prompt}, {"role": "user", "content": task.prompt}],
+                target=target, meta={"split": task.split, **task.info})
 
 
-def _score(task: Task, answer: str) -> float:
-    t = SwarmTask(task.id, task.target["kind"], task.meta.get("split", ""), "", task.target["gold"])
-    scores = t.score(answer)
-    return scores["item_f1"] if "item_f1" in scores else scores["success"]
+def _scores(task: Task, answer: str) -> dict[str, float]:
+    """The task's scores of `answer` (`SwarmTask.score`); an empty answer scores nothing."""
+    if not answer.strip():
+        return {}
+    return SwarmTask(task.id, task.target["kind"], task.meta.get("split", ""), "", task.target["gold"]).score(answer)
 
 
 class ParlEnv(AgentEnv):
@@ -92,7 +98,10 @@ class ParlEnv(AgentEnv):
     def __init__(self, fmt: TurnFormat, tools: Sequence[Tool], subagent: ChatClient, *,
                  swarm_config: SwarmConfig | None = None, reward: ParlRewardConfig | None = None,
                  step_fn: Callable[[], int] = lambda: 0, tool_timeout_s: float | None = None,
-                 max_tool_chars: int = 8000) -> None:
+                 max_tool_chars: int = 8000, orchestrator_env_tools: bool = True) -> None:
+        """`tools`: the environment's; subagents always get them, the orchestrator too unless
+        `orchestrator_env_tools` is False (then it has only create_subagent and assign_task)."""
+        self.orchestrator_env_tools = orchestrator_env_tools
         self.swarm_config = swarm_config or SwarmConfig()
         self.reward_config = reward or ParlRewardConfig()
         self.env_tools, self.subagent, self.step_fn = list(tools), subagent, step_fn
@@ -100,13 +109,17 @@ class ParlEnv(AgentEnv):
         super().__init__(fmt, self._judge, None, max_turns=cfg.main_max_steps,
                          tool_timeout_s=tool_timeout_s or cfg.sub_timeout_s + 5, max_tool_chars=max_tool_chars)
         self.stages: list[dict] = []
+        self.episode_config = self.swarm_config  # with the task's own budget, if it names one
         self.session: SwarmSession | None = None
         self.last_reward: dict[str, float] = {}
 
     def reset(self, task: Task) -> list[int]:
-        self.session = SwarmSession(self.subagent, self.env_tools, self.swarm_config)
+        budget = (task.target or {}).get("budget") if isinstance(task.target, Mapping) else None
+        self.episode_config = self.swarm_config if budget is None else dataclasses.replace(
+            self.swarm_config, max_critical_steps=int(budget))
+        self.session = SwarmSession(self.subagent, self.env_tools, self.episode_config)
         self.session.spent = lambda: critical_steps(self.stages) + 1
-        self.toolset = Toolset([*self.env_tools, *self.session.tools()])
+        self.toolset = Toolset([*(self.env_tools if self.orchestrator_env_tools else ()), *self.session.tools()])
         self.stages, self.last_reward = [], {}
         return super().reset(task)
 
@@ -115,7 +128,7 @@ class ParlEnv(AgentEnv):
         obs, reward, done, info = await super().step(action)
         if not done:
             self.stages.append(self.session.stage(self.messages[n_before].get("tool_calls") or []))
-            budget = self.swarm_config.max_critical_steps
+            budget = self.episode_config.max_critical_steps
             if budget is not None and critical_steps(self.stages) >= budget:  # spent: no answer, so r_perf = 0
                 self.done, done, obs = True, True, []
                 reward = self._finish(self.task, "").reward
@@ -123,6 +136,7 @@ class ParlEnv(AgentEnv):
         info["critical_steps"] = critical_steps(self.stages)
         if done:
             info.update(self.last_reward)
+            info["components"] = {k: v for k, v in self.last_reward.items() if k != "reward"}
         return obs, reward, done, info
 
     async def _judge(self, task: Task, response: Mapping, messages: Sequence[Mapping]) -> RewardResult:
@@ -132,9 +146,13 @@ class ParlEnv(AgentEnv):
         return self._finish(task, response.get("content") or "")
 
     def _finish(self, task: Task, answer: str) -> RewardResult:
-        perf = _score(task, answer) if answer.strip() else 0.0
-        self.last_reward = parl_reward(self.stages, perf, self.step_fn(), self.reward_config)
-        return RewardResult(self.last_reward["reward"], {k: v for k, v in self.last_reward.items() if k != "reward"})
+        """The episode's reward and the terms the rollouts log: `width` is its widest wave (0: no subagent
+        ran), `valid` whether it ended in an answer."""
+        width = max((len(s.get("sub_steps", ())) for s in self.stages), default=0)
+        r = episode_reward(self.stages, _scores(task, answer), self.step_fn(), self.reward_config, width)
+        r["valid"] = float(bool(answer.strip()))
+        self.last_reward = r
+        return RewardResult(r["reward"], {k: v for k, v in r.items() if k != "reward"})
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -249,9 +267,12 @@ def width_rl_task(task: SwarmTask, budget: int) -> Task:
 def episode_reward(stages: Sequence[Mapping], scores: Mapping[str, float], step: int, config: ParlRewardConfig,
                    width: int | None = None) -> dict[str, float]:
     """`parl_reward` of an episode with its task scores (r_perf: item F1, else success) and the width chosen
-    (-1: no valid action) alongside, as the rollouts and evaluations log them."""
+    (-1: no valid action) alongside, as the rollouts and evaluations log them (item and row F1 of an answer
+    that is not a table: its success)."""
     r = parl_reward(stages, scores.get("item_f1", scores.get("success", 0.0)), step, config)
-    r.update(item_f1=scores.get("item_f1", 0.0), row_f1=scores.get("row_f1", 0.0),
+    # an answer that is not a table is one item: its F1 is its success
+    r.update(item_f1=scores.get("item_f1", scores.get("success", 0.0)),
+             row_f1=scores.get("row_f1", scores.get("success", 0.0)),
              success=scores.get("success", 0.0), width=-1.0 if width is None else float(width),
              valid=float(width is not None))
     return r

@@ -35,11 +35,13 @@ from k25.swarm.config import SwarmConfig
 from k25.swarm.orchestrator import run_swarm
 from k25.swarm.parl import (
     Contention,
+    ParlEnv,
     ParlRewardConfig,
     ParlWidthEnv,
     contended_clients,
     episode_reward,
     run_width,
+    swarm_rl_task,
     width_rl_task,
 )
 from k25.swarm.policies import scripted_policy
@@ -52,6 +54,20 @@ LOGGED = ("reward", "r_parallel", "r_finish", "r_perf", "item_f1", "row_f1", "su
 def default_parl_config() -> ml_collections.ConfigDict:
     """The `config.parl` fields with their defaults (the RL fields live in `config.rl` as for the rl stage)."""
     p = ml_collections.ConfigDict()
+    # what the model decides: "width" (one digit after a compact observation; the rest is scripted) or "chat"
+    # (the whole orchestrator: Appendix E's create_subagent / assign_task calls and the answer, in the chat
+    # format, through ParlEnv; needs config.rl.format="chat")
+    p.env = "width"
+    p.kinds = ("wide_search",)  # task kinds drawn for training and evaluation (the width env: wide_search only)
+    # training tasks per kind; 0 = the kind's own count (12 wide-search sectors, 10 deep-search questions,
+    # 10 ledger questions). Deep search draws as many questions as asked; the other kinds have no more.
+    p.train_tasks = 0
+    # the frozen subagents of the chat env: "scripted" (k25.swarm.policies), "openai/NAME" (an OpenAI-compatible
+    # endpoint: JUDGE_BASE_URL / OPENAI_BASE_URL) or "k25/PATH" (a k25 run or HF checkpoint, sampled in process)
+    p.subagent = "scripted"
+    # the chat orchestrator's system prompt and tools (k25.swarm.prompts.ORCHESTRATOR_PROMPTS): "appendix_e"
+    # (Appendix E's prompt, the search tools and the swarm tools) or "compact" (a short prompt, swarm tools only)
+    p.prompt = "appendix_e"
     p.policy = "model"  # who picks the width at evaluation: model | serial | scripted
     p.world_seed = 0  # SwarmEnv seed: the generated world and its train / held-out sectors
     p.budgets = (16, 24, 40)  # critical-step budgets tasks are drawn under
@@ -72,14 +88,42 @@ def default_config_fields(c: ml_collections.ConfigDict) -> None:
 
 
 class ParlStage(RLStage):
-    """RLStage with ParlWidthEnv episodes on swarm tasks and the swarm metrics as its evaluation."""
+    """RLStage with PARL episodes on swarm tasks (`ParlWidthEnv`, or `ParlEnv` with `config.parl.env="chat"`) and
+    the swarm metrics as its evaluation."""
 
     def __init__(self, config: ml_collections.ConfigDict):
-        if config.rl.format != "plain":
-            raise ValueError("config.rl.format must be 'plain' for the parl stage (the width policy answers one "
-                             "digit after its observation; the chat-format ParlEnv is not trained here)")
-        super().__init__(config)
         p = config.parl
+        self.chat = p.get("env", "width") == "chat"
+        if p.get("env", "width") not in ("width", "chat"):
+            raise ValueError(f"config.parl.env={p.env!r}: 'width' (the width policy) or 'chat' (the whole "
+                             "orchestrator in the chat format)")
+        want = "chat" if self.chat else "plain"
+        if config.rl.format != want:
+            raise ValueError(f"config.rl.format={config.rl.format!r}: the parl stage with config.parl.env="
+                             f"{p.get('env', 'width')!r} needs config.rl.format={want!r} (the width policy answers "
+                             "one digit after its observation; the chat orchestrator writes tool calls)")
+        self.kinds = tuple(p.get("kinds", ("wide_search",)))
+        from k25.swarm.tasks import TASK_KINDS
+
+        if not self.kinds or any(k not in TASK_KINDS for k in self.kinds):
+            raise ValueError(f"config.parl.kinds={p.get('kinds')}: a non-empty list of {TASK_KINDS}")
+        if not self.chat:
+            if self.kinds != ("wide_search",):
+                raise ValueError(f"config.parl.kinds={self.kinds}: the width env runs wide_search only; set "
+                                 "config.parl.env='chat' for other kinds")
+            if p.get("subagent", "scripted") != "scripted":
+                raise ValueError(f"config.parl.subagent={p.subagent!r}: the width env runs scripted subagents (its "
+                                 "episode memo assumes them); set config.parl.env='chat' for other subagents")
+        elif p.policy != "model" or float(p.contention.rate) > 0:
+            raise ValueError("config.parl.policy and config.parl.contention belong to the width env; with "
+                             "config.parl.env='chat' keep policy='model' and contention.rate=0 (run the fixed "
+                             "baselines with `python -m experiments.swarm_run`)")
+        from k25.swarm.prompts import ORCHESTRATOR_PROMPTS
+
+        if p.get("prompt", "appendix_e") not in ORCHESTRATOR_PROMPTS:
+            raise ValueError(f"config.parl.prompt={p.prompt!r}: one of {sorted(ORCHESTRATOR_PROMPTS)}")
+        self.system_prompt, self.orchestrator_env_tools = ORCHESTRATOR_PROMPTS[p.get("prompt", "appendix_e")]
+        super().__init__(config)
         if p.policy not in POLICIES:
             raise ValueError(f"config.parl.policy={p.policy!r}: one of {POLICIES}")
         self.budgets = tuple(int(b) for b in p.budgets)
@@ -91,36 +135,69 @@ class ParlStage(RLStage):
         self.current_step = 0  # the trainer step of the weights in the sampler (λ annealing)
         self.episodes: dict = {}  # (task, budget, width) -> (stages, scores): the frozen policies are deterministic
         self._world = None
+        self._subagent = None
 
     @property
     def world(self):
-        """The task world, built once on first use (building and indexing it takes seconds)."""
+        """The task world, built once on first use (building and indexing it takes seconds): its tools, the
+        train and held-out tasks of every kind in `config.parl.kinds`, and all of them by id."""
         if self._world is None:
             from k25.swarm.tasks import SwarmEnv
 
             env = SwarmEnv(int(self.config.parl.world_seed))
-            train, heldout = env.tasks("wide_search", "train"), env.tasks("wide_search", "heldout")
+            n = int(self.config.parl.get("train_tasks", 0)) or None
+            try:
+                train = [t for k in self.kinds for t in env.tasks(k, "train", n)]
+            except ValueError as e:
+                raise ValueError(f"config.parl.train_tasks={n}: {e}") from None
+            heldout = [t for k in self.kinds for t in env.tasks(k, "heldout")]
             self._world = (env.tools(), train, heldout, {t.task_id: t for t in train + heldout})
         return self._world
 
+    @property
+    def subagent(self):
+        """The chat env's frozen subagent client (`config.parl.subagent`), built once."""
+        if self._subagent is None:
+            spec = str(self.config.parl.subagent)
+            if spec == "scripted":
+                from k25.infer.client import ScriptedClient
+
+                self._subagent = ScriptedClient(scripted_policy())
+            else:
+                from k25.rl.rewards import judge_client
+
+                try:
+                    self._subagent = judge_client(spec)
+                except ValueError:
+                    raise ValueError(f"config.parl.subagent={spec!r}: use 'scripted', 'openai/NAME' or "
+                                     "'k25/PATH'") from None
+        return self._subagent
+
     # ----------------------------------------------------------------------------------------- pieces
-    def make_env(self) -> ParlWidthEnv:
+    def make_env(self) -> ParlWidthEnv | ParlEnv:
         tools, _, _, by_id = self.world
+        if self.chat:
+            return ParlEnv(self.fmt, tools, self.subagent, swarm_config=self.swarm_cfg, reward=self.reward_cfg,
+                           step_fn=lambda: self.current_step, orchestrator_env_tools=self.orchestrator_env_tools)
         return ParlWidthEnv(self.fmt, by_id, tools, swarm_config=self.swarm_cfg, reward=self.reward_cfg,
                             step_fn=lambda: self.current_step, cache=self.episodes, contention=self.contention)
+
+    def _rl_task(self, task, budget: int) -> Task:
+        return swarm_rl_task(task, self.system_prompt, budget) if self.chat else width_rl_task(task, budget)
 
     def task(self, index: int, seed: int) -> Task:
         """The `index`-th training (task, budget) pair of stream `seed`."""
         _, train, _, _ = self.world
         rng = np.random.default_rng([seed, index])
-        t = width_rl_task(train[int(rng.integers(len(train)))], self.budgets[int(rng.integers(len(self.budgets)))])
+        t = self._rl_task(train[int(rng.integers(len(train)))], self.budgets[int(rng.integers(len(self.budgets)))])
         return dataclasses.replace(t, id=f"{t.id}#{index}")  # ids are unique within a rollout iteration
 
     def eval_tasks(self) -> list[Task]:
-        """Every held-out task under every budget (eval_examples caps the tasks, 0 = none)."""
+        """Every held-out task under every budget (eval_examples caps the tasks of each kind, 0 = none)."""
         _, _, heldout, _ = self.world
         n = int(self.config.eval_examples)
-        return [width_rl_task(t, b) for b in self.budgets for t in heldout[:n]]
+        mine = [t for k in self.kinds for t in [t for t in heldout if t.kind == k][:n]]
+        return [self._rl_task(t, b) for b in self.budgets for t in mine]
 
     def train_iterator(self, seed: int, process_index: int, process_count: int) -> Iterator[dict]:
         if process_count != 1:
@@ -155,9 +232,10 @@ class ParlStage(RLStage):
         if self.config.parl.policy == "model":
             _, params, buffers = nnx.split(model, nnx.Param, ...)
             self.push_weights(nnx.to_pure_dict(params), nnx.to_pure_dict(buffers))
-            n_new = int(self.rl.sampler.eval_max_new_tokens)
-            cfg = dataclasses.replace(self.rollout_cfg, group_size=1, temperature=0.0, tokens_per_iteration=n_new,
-                                      max_response_tokens=n_new, max_turn_tokens=n_new)
+            turn = int(self.rl.sampler.eval_max_new_tokens)
+            whole = int(self.rl.sampler.get("eval_max_response_tokens", 0)) or turn
+            cfg = dataclasses.replace(self.rollout_cfg, group_size=1, temperature=0.0, tokens_per_iteration=whole,
+                                      max_response_tokens=whole, max_turn_tokens=turn)
             mgr = RolloutManager(SamplerPolicy(self.sampler), EnvPool(self.make_env, len(tasks)), cfg)
             res = asyncio.run(mgr.run_iteration(tasks, 0))
             by_task = {e.task["id"]: e for e in res.finished + res.carried}
@@ -170,8 +248,10 @@ class ParlStage(RLStage):
             rows = asyncio.run(self._fixed_all(tasks))
         out: dict[str, Any] = {}
         names = {"subagents": "subagents_per_episode"}
-        for suffix, sel in [("", tasks)] + [(f"_b{b}", [t for t in tasks if t.target["budget"] == b])
-                                            for b in self.budgets]:
+        groups = [("", tasks)] + [(f"_b{b}", [t for t in tasks if t.target["budget"] == b]) for b in self.budgets]
+        if len(self.kinds) > 1:  # the chat env over several kinds: each kind's figures too
+            groups += [(f"_{k}", [t for t in tasks if t.target.get("kind") == k]) for k in self.kinds]
+        for suffix, sel in groups:
             ids = {t.id for t in sel}
             rs = [r for t, r in zip(tasks, rows) if t.id in ids]
             keys = LOGGED if not suffix else ("item_f1", "critical_steps", "subagents", "width")

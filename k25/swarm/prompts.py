@@ -66,3 +66,16 @@ Please follow the following principles strictly during the deep research:
 def search_system_prompt(date: str) -> str:
     """Appendix E's unified agentic-search prompt (the single-agent baseline's), DATE filled in."""
     return SEARCH_SYSTEM_PROMPT.format(date=date)
+
+# A one-paragraph orchestrator prompt for toy-scale chat PARL (`config.parl.prompt="compact"`): Appendix E's
+# prompt and the search tools' declarations are ~2.4k of a ~3.8k-token deep-search episode in the byte chat
+# format, and attention over them is most of a CPU step; a compact orchestrator sees this prompt and only
+# the two swarm tools (its subagents keep the search tools).
+COMPACT_ORCHESTRATOR_PROMPT = (
+    "You are the orchestrator of an agent swarm. Create subagents with create_subagent and give them tasks "
+    "with assign_task; several assign_task calls in one turn run in parallel. Answer in the format the task "
+    "asks for.")
+
+# name -> (the orchestrator's system prompt, whether it is also given the environment's tools)
+ORCHESTRATOR_PROMPTS = {"appendix_e": (ORCHESTRATOR_SYSTEM_PROMPT, True),
+                        "compact": (COMPACT_ORCHESTRATOR_PROMPT, False)}

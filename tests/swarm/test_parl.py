@@ -123,3 +123,73 @@ def test_critical_step_budget_ends_the_episode(world):
     assert infos[-1]["budget_exhausted"] and infos[-1]["critical_steps"] == 4
     assert infos[-1]["r_perf"] == 0.0 and infos[-1]["r_finish"] == 0.0 and infos[-1]["r_parallel"] == 1.0
     assert reward == pytest.approx(0.2)
+
+
+def test_task_budget_overrides_the_environment_budget(world):
+    task = world.tasks("deep_search", "heldout", 1)[0]
+    policy = scripted_policy()
+    env = ParlEnv(ChatTurns(CHAT), world.tools(), ScriptedClient(policy))  # no budget of its own
+    _, _, infos, reward = play(env, swarm_rl_task(task, budget=4), policy)
+    assert [s["sub_steps"] for s in env.stages] == [[], [1] * 4, []]
+    assert infos[-1]["budget_exhausted"] and infos[-1]["critical_steps"] == 4 and infos[-1]["r_perf"] == 0.0
+    # the logged terms are there on a budget-ended episode too, with the widest wave and no answer
+    comp = infos[-1]["components"]
+    assert comp["width"] == 4 and comp["valid"] == 0.0 and comp["item_f1"] == comp["success"] == 0.0
+    assert reward == pytest.approx(infos[-1]["reward"])
+    # the same task without a budget in it runs to the answer
+    _, _, infos, _ = play(env, swarm_rl_task(task), policy)
+    assert infos[-1]["r_perf"] == 1.0 and infos[-1]["components"]["valid"] == 1.0
+    assert infos[-1]["components"]["item_f1"] == 1.0  # an answer that is not a table: F1 = success
+
+
+@pytest.mark.parametrize("prompt", ["appendix_e", "compact"])
+def test_orchestrator_sft_records_are_the_parl_env_rendering(world, prompt):
+    """The warm-up's conversations render, token for token and mask for mask, as ParlEnv renders the same
+    scripted episode for the same prompt variant: SFT clones exactly what PARL then trains."""
+    from k25.swarm.prompts import ORCHESTRATOR_PROMPTS
+    from k25.swarm.trajectories import orchestrator_records
+
+    record = orchestrator_records(1, 0, prompt=prompt)[0]
+    task = world.tasks("deep_search", "train", 1)[0]
+    system, env_tools = ORCHESTRATOR_PROMPTS[prompt]
+    policy = scripted_policy()
+    env = ParlEnv(ChatTurns(CHAT), world.tools(), ScriptedClient(policy), orchestrator_env_tools=env_tools)
+    ids, mask, _, reward = play(env, swarm_rl_task(task, system), policy)
+    assert record["messages"][1]["content"] == task.prompt and reward > 1.0
+    enc = CHAT.encode(record["messages"], record["tools"], thinking=False)
+    assert enc.ids == ids and enc.loss_mask == mask
+    names = [t["function"]["name"] for t in record["tools"]]
+    assert names[-2:] == ["create_subagent", "assign_task"] and (len(names) > 2) == env_tools
+    # another seed is another stream of training questions (the sft stage's held-out conversations)
+    other = orchestrator_records(2, 1, prompt=prompt)
+    assert {r["messages"][1]["content"] for r in other}.isdisjoint({record["messages"][1]["content"]})
+    with pytest.raises(ValueError, match="orchestrator prompt"):
+        orchestrator_records(1, 0, prompt="verbose")
+
+
+def test_chat_parl_stage_pieces_drive_the_orchestrator_env():
+    """`config.parl.env="chat"`: the stage's tasks carry their budget and the compact prompt, its environment is
+    ParlEnv with only the swarm tools declared, and an episode's logged terms are `episode_reward`'s."""
+    from experiments import swarm
+    from k25.swarm.parl import episode_reward
+    from k25.swarm.parl_stage import LOGGED
+    from k25.swarm.prompts import COMPACT_ORCHESTRATOR_PROMPT
+    from k25.train.stage import make_stage
+
+    c = swarm.get_config("chat_smoke")
+    c.mesh.devices = 1
+    stage = make_stage(c)
+    task = stage.task(3, 0)
+    assert task.target["budget"] == 24 and task.target["kind"] == "deep_search"
+    assert task.messages[0]["content"] == COMPACT_ORCHESTRATOR_PROMPT and task.id.endswith("#3")
+    assert [t.target["budget"] for t in stage.eval_tasks()] == [24, 24]
+    assert all(t.meta["split"] == "heldout" for t in stage.eval_tasks())
+    env = stage.make_env()
+    assert isinstance(env, ParlEnv)
+    policy = scripted_policy()
+    _, _, infos, reward = play(env, task, policy)
+    assert [t["function"]["name"] for t in env.tools] == ["create_subagent", "assign_task"]
+    comp = infos[-1]["components"]
+    assert set(LOGGED) - {"reward"} <= set(comp)
+    want = episode_reward(env.stages, {"success": 1.0}, 0, stage.reward_cfg, 4)
+    assert reward == pytest.approx(want["reward"]) and comp["width"] == 4 and comp["success"] == 1.0

@@ -122,6 +122,30 @@ def test_experiment_configs_and_stage_errors():
     c.rl.format = "chat"
     with pytest.raises(ValueError, match="config.rl.format"):
         make_stage(c)
+    # the chat env: its own format, kinds, prompt variants and subagents, and no width-only fields
+    for arg in ("warmup_chat", "parl_chat", "chat_smoke"):
+        swarm.get_config(arg)
+    bad = {"config.rl.format": ("rl.format", "plain"), "config.parl.kinds": ("parl.kinds", ("browse",)),
+           "config.parl.prompt": ("parl.prompt", "verbose"), "config.parl.policy": ("parl.policy", "serial"),
+           "config.parl.env": ("parl.env", "tree")}
+    for message, (field, value) in bad.items():
+        c = swarm.get_config("chat_smoke")
+        section, name = field.split(".")
+        c[section][name] = value
+        with pytest.raises(ValueError, match=message):
+            make_stage(c)
+    c = swarm.get_config("chat_smoke")
+    c.parl.subagent = "someone"
+    with pytest.raises(ValueError, match="config.parl.subagent"):
+        make_stage(c).subagent
+    c = swarm.get_config("smoke")  # the width env runs wide search with scripted subagents only
+    c.parl.kinds = ("deep_search",)
+    with pytest.raises(ValueError, match="config.parl.kinds"):
+        make_stage(c)
+    c = swarm.get_config("smoke")
+    c.parl.subagent = "openai/x"
+    with pytest.raises(ValueError, match="config.parl.subagent"):
+        make_stage(c)
 
 
 @pytest.mark.slow
@@ -141,6 +165,26 @@ def test_parl_smoke_trains_only_the_orchestrator_tokens(tmp_path):
             assert "parl/subagents" in r and "parl/lambda1" in r
     ev = out["eval"]
     for k in ("eval/item_f1", "eval/row_f1", "eval/critical_steps", "eval/subagents_per_episode"):
+        assert k in ev
+
+
+@pytest.mark.slow
+def test_chat_parl_smoke_trains_the_whole_orchestrator_on_the_loop(tmp_path):
+    """One PARL step of a fresh chat-format orchestrator: its sampled turns (and only those) are trained, the
+    episodes' PARL terms are logged, and the held-out evaluation runs its episodes through ParlEnv."""
+    from experiments import swarm
+    from k25.train import loop
+    from k25.train.metrics import read_metrics
+
+    c = swarm.get_config("chat_smoke")
+    c.mesh.devices, c.eval_every = 1, 1
+    out = loop.train(c, str(tmp_path))
+    rows = [r for r in read_metrics(str(tmp_path)) if "loss" in r]
+    assert [r["step"] for r in rows] == [1]
+    assert 0 < rows[0]["num_tokens"] <= c.batch_size * c.rl.rollout.max_response_tokens
+    assert "parl/subagents" in rows[0] and "parl/valid" in rows[0] and "parl/critical_steps" in rows[0]
+    ev = out["eval"]
+    for k in ("eval/item_f1", "eval/row_f1", "eval/critical_steps", "eval/subagents_per_episode", "eval/valid"):
         assert k in ev
 
 

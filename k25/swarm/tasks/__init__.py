@@ -64,18 +64,20 @@ class SwarmEnv:
     def tools(self) -> list:
         return search_tools(self.index)
 
-    def tasks(self, kind: str, split: str = "heldout", n: int | None = None, *, branches: int = 4
-              ) -> list[SwarmTask]:
-        """`n` seeded tasks of `kind` from `split` (all wide-search sectors of the split when n is None)."""
+    def tasks(self, kind: str, split: str = "heldout", n: int | None = None, *, branches: int = 4,
+              stream: int = 0) -> list[SwarmTask]:
+        """`n` seeded tasks of `kind` from `split` (all wide-search sectors of the split when n is None).
+        `stream` > 0 draws another sequence of deep-search questions from the same split (the other kinds
+        enumerate a fixed set and take it in another order)."""
         if kind not in TASK_KINDS:
             raise ValueError(f"unknown task kind {kind!r}; known: {TASK_KINDS}")
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
-        rng = random.Random(f"{self.seed}/{kind}/{split}")
+        rng = random.Random(f"{self.seed}/{kind}/{split}" + (f"/{stream}" if stream else ""))
         make = {"wide_search": self._wide, "deep_search": self._deep, "long_doc": self._long}[kind]
-        return make(split, n, rng, branches)
+        return make(split, n, rng, branches, stream)
 
-    def _wide(self, split, n, rng, branches):
+    def _wide(self, split, n, rng, branches, stream):
         w = self.world
         sectors = [s for s in w.sectors if w.sector_split[s] == split]
         rng.shuffle(sectors)
@@ -90,7 +92,7 @@ class SwarmEnv:
                                  {"sector": s, "entities": len(rows)}))
         return out
 
-    def _deep(self, split, n, rng, branches):
+    def _deep(self, split, n, rng, branches, stream):
         w = self.world
         pool = sorted(c for s, members in w.sectors.items() if w.sector_split[s] == split for c in members)
         value = {"oldest_ceo": lambda c: w.people[w.companies[c].ceo].born,
@@ -105,11 +107,12 @@ class SwarmEnv:
                     break
             pick = min if question == "oldest_ceo" else max
             gold = pick(cands, key=value[question])
-            out.append(SwarmTask(f"deep/{split}/{i:03d}", "deep_search", split, deep_prompt(question, cands), gold,
+            tid = f"deep/{split}/{i:03d}" if not stream else f"deep/{split}/s{stream}/{i:03d}"
+            out.append(SwarmTask(tid, "deep_search", split, deep_prompt(question, cands), gold,
                                  {"question": question, "candidates": cands}))
         return out
 
-    def _long(self, split, n, rng, branches):
+    def _long(self, split, n, rng, branches, stream):
         w = self.world
         pairs = [(led, d) for led in w.ledgers if led.split == split for d in sorted({e[1] for e in led.entries})]
         rng.shuffle(pairs)
