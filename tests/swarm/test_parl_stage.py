@@ -137,7 +137,7 @@ def test_experiment_configs_and_stage_errors():
     c = swarm.get_config("chat_smoke")
     c.parl.subagent = "someone"
     with pytest.raises(ValueError, match="config.parl.subagent"):
-        make_stage(c).subagent
+        _ = make_stage(c).subagent
     c = swarm.get_config("smoke")  # the width env runs wide search with scripted subagents only
     c.parl.kinds = ("deep_search",)
     with pytest.raises(ValueError, match="config.parl.kinds"):
