@@ -123,9 +123,9 @@ def warmup_chat_config() -> ml_collections.ConfigDict:
     c.data = default_sft_data_config()
     c.data.sources = {"swarm_orchestrator_compact": 400}
     c.data.eval_conversations = 8
-    c.total_steps, c.batch_size, c.seq_len = 250, 4, 2816
+    c.total_steps, c.batch_size, c.seq_len = 500, 2, 2816  # ~10 min; batch 4 x 250 steps left the calls garbled
     c.data.drop_long = True
-    c.log_every, c.eval_every, c.checkpoint_every = 25, 125, 125
+    c.log_every, c.eval_every, c.checkpoint_every = 25, 250, 250
     c.eval_examples, c.eval_at_start = 1, False
     c.optim.lr, c.optim.warmup_steps = 3e-3, 20
     return c
@@ -141,11 +141,11 @@ def chat_config() -> ml_collections.ConfigDict:
     c.parl.train_tasks = 400  # the deep-search training stream the warm-up's conversations came from
     c.rl.group_size, c.batch_size, c.seq_len = 4, 16, 2816
     c.rl.rollout.max_response_tokens = 1536  # the orchestrator's turns and what comes back to it
-    c.rl.rollout.max_turn_tokens = 768
+    c.rl.rollout.max_turn_tokens = 896  # the longest scripted turn (four assign_task calls) is 734
     c.rl.rollout.tokens_per_iteration = 1536
     c.rl.sampler.max_slots = 16
     c.rl.sampler.min_bucket = 64
-    c.rl.sampler.eval_max_new_tokens = 768
+    c.rl.sampler.eval_max_new_tokens = 896
     c.rl.sampler.eval_max_response_tokens = 1536
     c.parl.reward.parallel_target = 4
     c.eval_examples = 10  # held-out deep-search questions

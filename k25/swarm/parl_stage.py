@@ -8,6 +8,13 @@ search tasks of `SwarmEnv(config.parl.world_seed)` under critical-step budgets `
 training draws (train-split task, budget) pairs, evaluation runs every held-out task under every budget
 once, greedily. λ1 and λ2 anneal with the trainer step (the iterator's `observe_state` passes it on).
 
+With `config.parl.env="chat"` the trained policy is the whole orchestrator instead (`ParlEnv`): it writes
+Appendix E's `create_subagent` / `assign_task` calls and the answer in the chat format, on tasks of
+`config.parl.kinds`; the subagents are frozen (`config.parl.subagent`: scripted, an OpenAI-compatible
+endpoint or a k25 checkpoint) and their tokens never enter the trajectory (their final messages come back
+as tool results, loss mask 0). The warm-up for it is the sft stage on the scripted orchestrator's episodes
+(k25/swarm/trajectories.py).
+
 Subagents and the scripted orchestrator are deterministic, so an episode's trace depends only on (task,
 budget, width): the stage's environments share a memo of them (`self.episodes`), which makes a step cost
 the model's sampling and update once the pairs it visits have been run (checked against fresh runs in tests).
