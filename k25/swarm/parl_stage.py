@@ -100,14 +100,15 @@ class ParlStage(RLStage):
 
     def __init__(self, config: ml_collections.ConfigDict):
         p = config.parl
-        self.chat = p.get("env", "width") == "chat"
-        if p.get("env", "width") not in ("width", "chat"):
-            raise ValueError(f"config.parl.env={p.env!r}: 'width' (the width policy) or 'chat' (the whole "
+        env = p.get("env", "width")
+        if env not in ("width", "chat"):
+            raise ValueError(f"config.parl.env={env!r}: 'width' (the width policy) or 'chat' (the whole "
                              "orchestrator in the chat format)")
+        self.chat = env == "chat"
         want = "chat" if self.chat else "plain"
         if config.rl.format != want:
             raise ValueError(f"config.rl.format={config.rl.format!r}: the parl stage with config.parl.env="
-                             f"{p.get('env', 'width')!r} needs config.rl.format={want!r} (the width policy answers "
+                             f"{env!r} needs config.rl.format={want!r} (the width policy answers "
                              "one digit after its observation; the chat orchestrator writes tool calls)")
         self.kinds = tuple(p.get("kinds", ("wide_search",)))
         from k25.swarm.tasks import TASK_KINDS
@@ -127,9 +128,10 @@ class ParlStage(RLStage):
                              "baselines with `python -m experiments.swarm_run`)")
         from k25.swarm.prompts import ORCHESTRATOR_PROMPTS
 
-        if p.get("prompt", "appendix_e") not in ORCHESTRATOR_PROMPTS:
-            raise ValueError(f"config.parl.prompt={p.prompt!r}: one of {sorted(ORCHESTRATOR_PROMPTS)}")
-        self.system_prompt, self.orchestrator_env_tools = ORCHESTRATOR_PROMPTS[p.get("prompt", "appendix_e")]
+        prompt = p.get("prompt", "appendix_e")
+        if prompt not in ORCHESTRATOR_PROMPTS:
+            raise ValueError(f"config.parl.prompt={prompt!r}: one of {sorted(ORCHESTRATOR_PROMPTS)}")
+        self.system_prompt, self.orchestrator_env_tools = ORCHESTRATOR_PROMPTS[prompt]
         super().__init__(config)
         if p.policy not in POLICIES:
             raise ValueError(f"config.parl.policy={p.policy!r}: one of {POLICIES}")

@@ -125,27 +125,21 @@ def test_experiment_configs_and_stage_errors():
     # the chat env: its own format, kinds, prompt variants and subagents, and no width-only fields
     for arg in ("warmup_chat", "parl_chat", "chat_smoke"):
         swarm.get_config(arg)
-    bad = {"config.rl.format": ("rl.format", "plain"), "config.parl.kinds": ("parl.kinds", ("browse",)),
-           "config.parl.prompt": ("parl.prompt", "verbose"), "config.parl.policy": ("parl.policy", "serial"),
-           "config.parl.env": ("parl.env", "tree")}
-    for message, (field, value) in bad.items():
-        c = swarm.get_config("chat_smoke")
+    # (config, field, bad value); the width env ("smoke") runs wide search with scripted subagents only
+    bad = [("chat_smoke", "rl.format", "plain"), ("chat_smoke", "parl.kinds", ("browse",)),
+           ("chat_smoke", "parl.prompt", "verbose"), ("chat_smoke", "parl.policy", "serial"),
+           ("chat_smoke", "parl.env", "tree"), ("smoke", "parl.kinds", ("deep_search",)),
+           ("smoke", "parl.subagent", "openai/x")]
+    for arg, field, value in bad:
+        c = swarm.get_config(arg)
         section, name = field.split(".")
         c[section][name] = value
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=f"config.{field}"):
             make_stage(c)
     c = swarm.get_config("chat_smoke")
     c.parl.subagent = "someone"
     with pytest.raises(ValueError, match="config.parl.subagent"):
         _ = make_stage(c).subagent
-    c = swarm.get_config("smoke")  # the width env runs wide search with scripted subagents only
-    c.parl.kinds = ("deep_search",)
-    with pytest.raises(ValueError, match="config.parl.kinds"):
-        make_stage(c)
-    c = swarm.get_config("smoke")
-    c.parl.subagent = "openai/x"
-    with pytest.raises(ValueError, match="config.parl.subagent"):
-        make_stage(c)
 
 
 @pytest.mark.slow
