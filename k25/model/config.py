@@ -66,6 +66,10 @@ class K2Config:
     # a multiple of 8, at most the worst case t*min(k, E/ep)); assignments past a pair's C are dropped and
     # add nothing to their token's output, as in a capacity-limited MoE.
     ep_capacity_factor: float = 0.0
+    # k25 only: the expert exchange, "all_to_all" (static per-pair buffers, every backend) or "ragged"
+    # (jax.lax.ragged_all_to_all: only routed rows move; GPU/TPU, XLA:CPU cannot compile it). With "ragged",
+    # ep_capacity_factor c > 0 bounds a rank's whole receive buffer to ceil(c*t*k) rows instead of per pair.
+    ep_exchange: str = "all_to_all"
     # positions / norms
     rope_theta: float = 50000.0
     rope_scaling: RopeScaling = dataclasses.field(
@@ -157,6 +161,8 @@ class K2Config:
             need(self.moe_block_size > 0, f"moe_block_size={self.moe_block_size} must be positive.")
             need(self.ep_capacity_factor >= 0,
                  f"ep_capacity_factor={self.ep_capacity_factor} must be >= 0 (0 = dropless worst-case buffer).")
+            need(self.ep_exchange in ("all_to_all", "ragged"),
+                 f"ep_exchange={self.ep_exchange!r} must be 'all_to_all' or 'ragged' (ragged_all_to_all, GPU/TPU).")
             need(self.bias_update_rate >= 0, f"bias_update_rate={self.bias_update_rate} must be >= 0 (0 = off).")
         if self.first_k_dense_replace > 0:
             need(self.intermediate_size > 0, "intermediate_size must be positive when there are dense layers.")

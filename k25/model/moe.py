@@ -112,7 +112,7 @@ class MoE(nnx.Module):
         w = (e.gate_proj[...], e.up_proj[...], e.down_proj[...])
         if ambient_ep() > 1:  # experts sharded over the `jax.set_mesh` mesh's `ep` axis: k25/parallel/expert.py
             out, counts, dropped = expert_parallel_moe(xt, weights, idx, *w, cfg.grouped_gemm, cfg.moe_block_size,
-                                                       cfg.ep_capacity_factor)
+                                                       cfg.ep_capacity_factor, exchange=cfg.ep_exchange)
         else:
             out = dispatch_compute_combine(xt, weights, idx, *w, cfg.grouped_gemm, cfg.moe_block_size)
             counts, dropped = expert_counts(idx, cfg.n_routed_experts), jnp.zeros((), jnp.int32)

@@ -21,6 +21,8 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
+from k25.model.moe import MoE
+from k25.parallel.expert import check_exchange_backend
 from k25.parallel.mesh import batch_sharding, make_mesh, replicated, state_shardings
 from k25.parallel.zero import zero1_shardings
 from k25.train.checkpoint import Checkpointer, config_json
@@ -82,6 +84,7 @@ class Trainer:
         self.stage = make_stage(config)
         self.mesh = make_mesh(config.mesh)
         model, self.model_def, params, buffers = _abstract(self.stage, config)
+        self._moe_configs = [m.cfg for _, m in nnx.iter_modules(model) if isinstance(m, MoE)]
         self.optimizer, self.schedule = build_optimizer(config.optim, params, config.total_steps)
         opt_abstract = jax.eval_shape(self.optimizer.init, params)
         ps, bs, os_ = _shardings(model, self.mesh, opt_abstract, config.get("zero1", True))
@@ -99,6 +102,11 @@ class Trainer:
                                   self.stage.step_config())
         self._step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
                              out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
+
+    def check_backend(self) -> None:
+        """Config errors that only the backend reveals, raised before XLA compiles anything."""
+        for cfg in self._moe_configs:
+            check_exchange_backend(cfg, int(self.mesh.shape.get("ep", 1)))
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One jitted training step. Runs under `jax.set_mesh` so the MoE takes the expert-parallel path
@@ -155,6 +163,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     """Train (or resume) to `config.total_steps`; `stop_after` ends early after that many steps (tests).
     `announce` receives a short summary of the run before the first step (the CLI prints it)."""
     t = Trainer(config, workdir)
+    t.check_backend()
     ckpt = Checkpointer(workdir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints)
     data = t.data_iterator()
     start = ckpt.latest_step()
@@ -301,6 +310,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str | None = None, compile:
     lowered = t.lower_step(st, batch)
     out["lowered"] = True
     if compile:
+        t.check_backend()
         mem = lowered.compile().memory_analysis()
         if mem is not None:
             out["temp_bytes_per_device"] = int(mem.temp_size_in_bytes)
