@@ -192,6 +192,13 @@ class AgentEnv:
         self._episode_tools(task)
         return self.fmt.prompt_ids(self.messages, self.tools)
 
+    def cut_off(self) -> dict[str, float]:
+        """End the episode because the rollout has no room for the environment's last reply (the episode scores
+        0 there); returns the reward components to log for it, {} when the environment has none."""
+        self.done = True
+        self._end_episode_tools()
+        return {}
+
     async def step(self, action: Sequence[int]) -> tuple[list[int], float, bool, dict[str, Any]]:
         """One assistant turn (its generated ids) -> (observation ids, reward, done, info)."""
         if self.done or self.task is None:

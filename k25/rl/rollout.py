@@ -429,6 +429,10 @@ class RolloutManager:
         room = self.config.max_response_tokens - len(ep.ids)
         if len(obs) >= room:  # the environment's reply does not fit: end the episode as cut off
             ep.status, ep.reward, ep.truncated = "done", 0.0, True
+            cut_off = getattr(env, "cut_off", None)  # AgentEnv's; a bare Gym-like env may not have one
+            components = cut_off() if cut_off is not None else {}
+            if components:
+                ep.info["components"] = components
             ep.env_state = None
             return True
         ep.ids += obs

@@ -139,6 +139,12 @@ class ParlEnv(AgentEnv):
             info["components"] = {k: v for k, v in self.last_reward.items() if k != "reward"}
         return obs, reward, done, info
 
+    def cut_off(self) -> dict[str, float]:
+        """The terms of an episode the rollout cut off (no answer: r_perf 0, `valid` 0), so that its subagents,
+        width and critical steps still enter the logged means; the rollout gives it reward 0."""
+        super().cut_off()
+        return dict(self._finish(self.task, "").components)
+
     async def _judge(self, task: Task, response: Mapping, messages: Sequence[Mapping]) -> RewardResult:
         """AgentEnv's final turn (an answer, a cut-off turn, or the turn limit): one more orchestrator step."""
         calls = [(c.get("function") or {}).get("name") for c in response.get("tool_calls") or ()]

@@ -248,7 +248,7 @@ class ParlStage(RLStage):
             mgr = RolloutManager(SamplerPolicy(self.sampler), EnvPool(self.make_env, len(tasks)), cfg)
             res = asyncio.run(mgr.run_iteration(tasks, 0))
             by_task = {e.task["id"]: e for e in res.finished + res.carried}
-            # a cut-off or failed episode ran no swarm: it scores as an invalid action
+            # a failed episode, or a cut-off one whose env logs no terms, scores as an invalid action
             empty = episode_reward([{"main_steps": 1, "sub_steps": [], "subagents": []}], {}, self.current_step,
                                    self.reward_cfg)
             rows = [dict(by_task[t.id].info.get("components", empty), reward=by_task[t.id].reward)

@@ -193,3 +193,39 @@ def test_chat_parl_stage_pieces_drive_the_orchestrator_env():
     assert set(LOGGED) - {"reward"} <= set(comp)
     want = episode_reward(env.stages, {"success": 1.0}, 0, stage.reward_cfg, 4)
     assert reward == pytest.approx(want["reward"]) and comp["width"] == 4 and comp["success"] == 1.0
+
+
+def test_an_episode_cut_off_by_the_rollout_still_logs_its_terms(world):
+    """The rollout ends an episode whose environment reply does not fit `max_response_tokens` with reward 0;
+    ParlEnv's `cut_off` still reports what the episode did (its wave, critical steps, no answer), so the
+    logged `parl/*` means and the chat eval count it instead of treating it as an episode that ran nothing."""
+    from k25.rl.rollout import EnvPool, RolloutConfig, RolloutManager, TokenCompletion
+
+    task = swarm_rl_task(world.tasks("deep_search", "heldout", 1)[0])
+    policy = scripted_policy()
+    env = ParlEnv(ChatTurns(CHAT), world.tools(), ScriptedClient(policy))
+
+    class Scripted:  # the scripted orchestrator's turns as token ids
+        max_slots = 1
+
+        async def generate(self, prompt_ids, *, max_new_tokens, temperature, top_p, stop_ids, seed, media=()):
+            ids = action_ids(env, policy(env.messages, env.tools))[:max_new_tokens]
+            return TokenCompletion(ids, [0.0] * len(ids), "stop" if ids[-1] in stop_ids else "length")
+
+    ids, mask, _, _ = play(ParlEnv(ChatTurns(CHAT), world.tools(), ScriptedClient(policy)), task, policy)
+    answer = len(mask) - max(i for i, m in enumerate(mask) if m == 0) - 1  # the final turn's tokens
+    # room for everything up to the wave's results, but not for the answer after them: the results do not fit
+    cfg = RolloutConfig(group_size=1, tokens_per_iteration=10_000,
+                        max_response_tokens=len(ids) - len(env.reset(task)) - answer, max_turn_tokens=2000)
+    res = asyncio.run(RolloutManager(Scripted(), EnvPool(lambda: env, 1), cfg).run_iteration([task], 0))
+    (ep,) = res.finished
+    assert ep.truncated and ep.reward == 0.0 and env.done
+    comp = ep.info["components"]
+    assert comp["subagents"] == 4 and comp["width"] == 4 and comp["valid"] == 0.0 and comp["r_perf"] == 0.0
+    assert comp["critical_steps"] == critical_steps_of(env) > 0
+
+
+def critical_steps_of(env):
+    from k25.swarm import critical_steps
+
+    return critical_steps(env.stages)
