@@ -129,6 +129,31 @@ def _move_rows_bwd(res, ct):
 _move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
 
 
+def _sorted_assignments(idx: jnp.ndarray, valid: jnp.ndarray, n_exp: int, e_loc: int, ep: int) -> tuple[
+        jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """A rank's (token, slot) assignments sorted by expert, which also groups them by destination rank.
+    Padding tokens get key E: they sort last and are never sent. Returns (flat expert ids, real mask,
+    sort key, order, token of each sorted row, destination rank of each sorted row)."""
+    k = idx.shape[1]
+    flat = idx.reshape(-1)
+    real = jnp.repeat(valid, k)
+    key = jnp.where(real, flat, n_exp)
+    order = jnp.argsort(key, stable=True)
+    return flat, real, key, order, order // k, jnp.minimum(key[order] // e_loc, ep - 1)
+
+
+def _combine(x: jnp.ndarray, y_sorted: jnp.ndarray, weights: jnp.ndarray, flat: jnp.ndarray, real: jnp.ndarray,
+             order: jnp.ndarray, token: jnp.ndarray, keep: jnp.ndarray, n_exp: int, batch_axes: tuple[str, ...]
+             ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Weight the expert outputs of the sorted rows (0 where dropped), add them onto their tokens; with the
+    global per-expert counts of every routed assignment and the global dropped count."""
+    y_tok = y_sorted * weights.reshape(-1)[order][:, None].astype(y_sorted.dtype)
+    out = jnp.zeros_like(x).at[token].add(y_tok)
+    counts = jnp.zeros((n_exp,), jnp.float32).at[flat].add(real.astype(jnp.float32))
+    dropped = jnp.sum(real[order] & ~keep, dtype=jnp.int32)
+    return out, jax.lax.psum(counts, batch_axes), jax.lax.psum(dropped, batch_axes)
+
+
 def _ep_body(x: jnp.ndarray, weights: jnp.ndarray, idx: jnp.ndarray, valid: jnp.ndarray, w_gate: jnp.ndarray,
              w_up: jnp.ndarray, w_down: jnp.ndarray, *, impl: str, block: int, capacity_factor: float,
              batch_axes: tuple[str, ...]) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
@@ -143,14 +168,9 @@ def _ep_body(x: jnp.ndarray, weights: jnp.ndarray, idx: jnp.ndarray, valid: jnp.
     n_exp = ep * e_loc
     cap = ep_capacity(t, k, e_loc, ep, capacity_factor)
 
-    # 1-2. sort by expert (= by destination rank); padding tokens get key E and sort last, never sent
-    flat = idx.reshape(-1)
-    real = jnp.repeat(valid, k)
-    key = jnp.where(real, flat, n_exp)
-    order = jnp.argsort(key, stable=True)
-    token = order // k
+    # 1-2. sort by expert (= by destination rank)
+    flat, real, key, order, token, dest = _sorted_assignments(idx, valid, n_exp, e_loc, ep)
     expert = key[order]
-    dest = jnp.minimum(expert // e_loc, ep - 1)
     routed = jnp.bincount(key, length=n_exp).reshape(ep, e_loc).sum(1)  # excludes the padding key
     pos = jnp.arange(t * k) - (jnp.cumsum(routed) - routed)[dest]  # slot inside the chunk for `dest`
     keep = real[order] & (pos < cap)  # a pair's rows past its capacity are dropped
@@ -176,11 +196,7 @@ def _ep_body(x: jnp.ndarray, weights: jnp.ndarray, idx: jnp.ndarray, valid: jnp.
     sent = jnp.where(keep, dest * cap + slot, ep * cap)  # each kept assignment's send row; dropped: none
     sender = jnp.full((ep * cap,), t * k, jnp.int32).at[sent].set(jnp.arange(t * k, dtype=jnp.int32), mode="drop")
     y_back = _move_rows(back.reshape(ep * cap, d), sent, sender)  # dropped rows: 0
-    y_tok = y_back * weights.reshape(-1)[order][:, None].astype(back.dtype)
-    out = jnp.zeros_like(x).at[token].add(y_tok)
-    counts = jnp.zeros((n_exp,), jnp.float32).at[flat].add(real.astype(jnp.float32))
-    dropped = jnp.sum(real[order] & ~keep, dtype=jnp.int32)
-    return out, jax.lax.psum(counts, batch_axes), jax.lax.psum(dropped, batch_axes)
+    return _combine(x, y_back, weights, flat, real, order, token, keep, n_exp, batch_axes)
 
 
 def _zeros_varying_as(ref: jnp.ndarray, rows: int) -> jnp.ndarray:
@@ -206,13 +222,7 @@ def _ep_body_ragged(x: jnp.ndarray, weights: jnp.ndarray, idx: jnp.ndarray, vali
     n_exp = ep * e_loc
     rows = ragged_receive_rows(t, k, e_loc, ep, capacity_factor)
 
-    # sort by expert (= by destination); padding tokens get key E, sort last and are never sent
-    flat = idx.reshape(-1)
-    real = jnp.repeat(valid, k)
-    key = jnp.where(real, flat, n_exp)
-    order = jnp.argsort(key, stable=True)
-    token = order // k
-    dest = jnp.minimum(key[order] // e_loc, ep - 1)
+    flat, real, key, order, token, dest = _sorted_assignments(idx, valid, n_exp, e_loc, ep)
     per_expert = jnp.bincount(key, length=n_exp).reshape(ep, e_loc).astype(jnp.int32)  # [j, e]: rows for j
     routed = per_expert.sum(1)
     start = jnp.cumsum(routed) - routed  # where dest j's rows start in the sorted list
@@ -244,11 +254,7 @@ def _ep_body_ragged(x: jnp.ndarray, weights: jnp.ndarray, idx: jnp.ndarray, vali
     # combine: each accepted row back to its sorted slot on its sender; rows not sent stay 0
     back = ragged_a2a(_move_rows(y, inv, perm), _zeros_varying_as(y, t * k), offset_in, accept, start_in,
                       allowed, axis_name=EP)
-    y_tok = back * weights.reshape(-1)[order][:, None].astype(back.dtype)
-    out = jnp.zeros_like(x).at[token].add(y_tok)
-    counts = jnp.zeros((n_exp,), jnp.float32).at[flat].add(real.astype(jnp.float32))
-    dropped = jnp.sum(real[order] & ~keep, dtype=jnp.int32)
-    return out, jax.lax.psum(counts, batch_axes), jax.lax.psum(dropped, batch_axes)
+    return _combine(x, back, weights, flat, real, order, token, keep, n_exp, batch_axes)
 
 
 def expert_parallel_moe(x: jnp.ndarray, weights: jnp.ndarray, idx: jnp.ndarray, w_gate: jnp.ndarray,
