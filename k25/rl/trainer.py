@@ -148,6 +148,9 @@ class RLStage(TextLMStage):
         self.rollout_cfg = RolloutConfig(**rl.rollout.to_dict())
         if rl.group_size != self.rollout_cfg.group_size:
             self.rollout_cfg = dataclasses.replace(self.rollout_cfg, group_size=int(rl.group_size))
+        if config.seed:  # the run's seed reaches the sampling too (seed 0 keeps rl.rollout.seed as it is)
+            self.rollout_cfg = dataclasses.replace(self.rollout_cfg,
+                                                   seed=int(self.rollout_cfg.seed) + 1_000_003 * int(config.seed))
         if config.batch_size % rl.group_size:
             raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of config.rl.group_size="
                              f"{rl.group_size} (a batch holds whole groups)")

@@ -78,3 +78,15 @@ def test_config_errors_name_the_field():
     c.rl.format = "xml"
     with pytest.raises(ValueError, match="rl.format"):
         RLStage(c)
+
+
+def test_the_run_seed_reaches_the_rollout_sampling():
+    """Runs that differ only in `config.seed` sample different rollouts; seed 0 keeps `rl.rollout.seed` as set
+    (so earlier runs reproduce), and the rollout seed still shifts the sampling on its own."""
+    base = RLStage(smoke(seed=0)).rollout_cfg.seed
+    assert base == smoke().rl.rollout.seed
+    seeds = {RLStage(smoke(seed=s)).rollout_cfg.seed for s in (0, 1, 2)}
+    assert len(seeds) == 3
+    c = smoke(seed=1)
+    c.rl.rollout.seed = 5
+    assert RLStage(c).rollout_cfg.seed != RLStage(smoke(seed=1)).rollout_cfg.seed
