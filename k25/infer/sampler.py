@@ -45,7 +45,7 @@ from jax.sharding import PartitionSpec as P
 
 from k25.infer.cache import init_cache
 from k25.infer.forward import decode, prefill
-from k25.infer.sampling import TOP_LOGPROBS, sample
+from k25.infer.sampling import TOP_LOGPROBS, sample, suppress_logits
 from k25.model.config import K2Config
 from k25.model.decoder import K2Model
 from k25.model.k25 import K25Model, check_placeholders
@@ -132,7 +132,8 @@ class Sampler:
     """Continuous-batching sampler over a K2Model or K25Model (see the module docstring)."""
 
     def __init__(self, model: K2Model | K25Model, *, max_slots: int, max_len: int, cache_dtype: Any = jnp.bfloat16,
-                 mesh: Mesh | None = None, scheduling: str = "continuous", min_bucket: int = 16):
+                 mesh: Mesh | None = None, scheduling: str = "continuous", min_bucket: int = 16,
+                 suppress_ids: Sequence[int] = ()):
         if not isinstance(model, (K2Model, K25Model)):
             raise TypeError(f"Sampler needs a K2Model or K25Model, got {type(model).__name__}.")
         if int(max_slots) < 1:
@@ -148,6 +149,14 @@ class Sampler:
         self.cache_dtype = jnp.dtype(cache_dtype)
         self.scheduling = scheduling
         self.min_bucket = int(min_bucket)
+        # ids never sampled (e.g. a K2.5 policy's media placeholders, which only the processor may insert); the
+        # logprobs are then those of the distribution over the other ids (k25.infer.sampling.suppress_logits)
+        self.suppress_ids = tuple(sorted({int(t) for t in suppress_ids}))
+        bad = [t for t in self.suppress_ids if not 0 <= t < self.text_cfg.vocab_size]
+        if bad:
+            raise ValueError(f"suppress_ids {bad} lie outside the vocabulary [0, {self.text_cfg.vocab_size}).")
+        if len(self.suppress_ids) >= self.text_cfg.vocab_size:
+            raise ValueError("suppress_ids covers the whole vocabulary: nothing could be sampled.")
         self.mesh = mesh
         self.graphdef, state = nnx.split(model)
         self._cache_sharding = None
@@ -175,7 +184,8 @@ class Sampler:
         self._lock = threading.RLock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="k25-sampler")
         self._workers: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}
-        self._embed_fn, self._prefill_fn, self._decode_fn = _compiled(self.graphdef, self.multimodal)
+        self._embed_fn, self._prefill_fn, self._decode_fn = _compiled(self.graphdef, self.multimodal,
+                                                                      self.suppress_ids)
 
     # ------------------------------------------------------------------------------------- weights
     @property
@@ -452,7 +462,7 @@ class Sampler:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(graphdef: nnx.GraphDef, multimodal: bool) -> tuple[Any, Any, Any]:
+def _compiled(graphdef: nnx.GraphDef, multimodal: bool, suppress: tuple[int, ...] = ()) -> tuple[Any, Any, Any]:
     """(embed, prefill, decode) jitted for one model structure; shared by every Sampler of that structure, so a
     second sampler (another scheduling policy, a restarted server) reuses the compiled buckets."""
 
@@ -468,12 +478,13 @@ def _compiled(graphdef: nnx.GraphDef, multimodal: bool) -> tuple[Any, Any, Any]:
 
     def prefill_impl(state, cache, embeds, length, slot, temperature, top_p, top_k, seed):
         logits, cache = prefill(language_model(state)[1], embeds, length, slot, cache)
-        out = sample(logits, temperature[None], top_p[None], top_k[None], seed[None], jnp.zeros((1,), jnp.int32))
+        out = sample(suppress_logits(logits, suppress), temperature[None], top_p[None], top_k[None], seed[None],
+                     jnp.zeros((1,), jnp.int32))
         return cache, *(o[0] for o in out)
 
     def decode_impl(state, cache, tokens, positions, temperature, top_p, top_k, seeds, index, *, window):
         logits, cache = decode(language_model(state)[1], tokens, positions, cache, window)
-        return cache, *sample(logits, temperature, top_p, top_k, seeds, index)
+        return cache, *sample(suppress_logits(logits, suppress), temperature, top_p, top_k, seeds, index)
 
     return (jax.jit(embed_impl, static_argnums=(3, 5)), jax.jit(prefill_impl, donate_argnums=(1,)),
             jax.jit(decode_impl, donate_argnums=(1,), static_argnames=("window",)))

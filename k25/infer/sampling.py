@@ -39,6 +39,18 @@ def filtered_logits(logits: jnp.ndarray, temperature: jnp.ndarray, top_p: jnp.nd
     return ids, jnp.where(keep, vals, -jnp.inf)
 
 
+SUPPRESSED_LOGIT = -1e9  # finite, so 0 * logp stays 0 in an entropy; exp() of it is exactly 0 in float32
+
+
+def suppress_logits(logits: jnp.ndarray, ids: tuple[int, ...]) -> jnp.ndarray:
+    """logits (..., V) with `ids` never sampled: their logits set to SUPPRESSED_LOGIT, so log_softmax is the
+    distribution renormalised over the other tokens. The sampler and the RL trainer both call this, so the
+    logprob a rollout records is the one the trainer computes (input-only ids such as media placeholders)."""
+    if not ids:
+        return logits
+    return logits.at[..., jnp.asarray(ids)].set(SUPPRESSED_LOGIT)
+
+
 def sample_token(logits: jnp.ndarray, temperature: jnp.ndarray, top_p: jnp.ndarray, top_k: jnp.ndarray,
                  seed: jnp.ndarray, index: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """One slot: logits (V,) -> (token, its temperature-1 logprob, top ids (K,), top logprobs (K,)).

@@ -51,9 +51,10 @@ class TokenPolicy(Protocol):
 class SamplerPolicy:
     """The in-process sampler (k25.infer.Sampler); `update_weights` pushes the trainer's new weights. With a
     `media` store (k25.rl.media.MediaStore) a call's `media` (the image references of prompt + tokens so far,
-    in order) become the request's pixel arrays, for a K2.5 sampler. A completion holding a media placeholder
-    id is rejected (ValueError: the episode fails): the trainer's multimodal forward would read it as an image
-    slot, so the trajectory could not be replayed as it was sampled."""
+    in order) become the request's pixel arrays, for a K2.5 sampler. The rl stage's sampler never samples a
+    media placeholder (`Sampler(suppress_ids=...)`); one given here without that, which does, has the
+    completion rejected (ValueError: the episode fails): the trainer's multimodal forward would read the id
+    as an image slot, so the trajectory could not be replayed as it was sampled."""
 
     def __init__(self, sampler: Any, media: Any = None):
         self.sampler, self.media = sampler, media

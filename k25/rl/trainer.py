@@ -37,6 +37,7 @@ from flax import nnx
 
 from k25.data.chat import byte_chat_format, load_chat_format
 from k25.data.synthetic import make_task
+from k25.infer.sampling import suppress_logits
 from k25.model.decoder import K2Model
 from k25.model.k25 import K25Model
 from k25.model.params import count_params
@@ -283,7 +284,8 @@ class RLStage(TextLMStage):
             max_len = self.config.seq_len + 1
             self.sampler = Sampler(model, max_slots=int(self.rl.sampler.max_slots), max_len=max_len,
                                    cache_dtype=jnp.dtype(self.rl.sampler.cache_dtype),
-                                   min_bucket=min(int(self.rl.sampler.min_bucket), max_len))
+                                   min_bucket=min(int(self.rl.sampler.min_bucket), max_len),
+                                   suppress_ids=self.suppressed_ids)
         return self.sampler
 
     def row_pixels(self, e: Episode, input_ids: np.ndarray) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
@@ -346,9 +348,18 @@ class RLStage(TextLMStage):
         out = language_model(inputs_embeds=embeds, positions=batch["positions"], segment_ids=batch["segment_ids"])
         return self._policy_terms(out, batch)
 
+    @property
+    def suppressed_ids(self) -> tuple[int, ...]:
+        """Ids the policy never samples: a K2.5 policy's media placeholders (only the processor inserts them;
+        a sampled one could not be replayed through the vision path). The sampler and the loss both renormalise
+        over the other ids, so π_old and π_θ are the same distribution."""
+        if not self.multimodal:
+            return ()
+        return tuple(sorted({int(self.model_cfg.image_token_id), int(self.model_cfg.video_token_id)}))
+
     def _policy_terms(self, out: Any, batch: dict):
         """(loss sum, aux) of Eq. 1 from the decoder's output on this batch."""
-        logits = out.logits.astype(jnp.float32)
+        logits = suppress_logits(out.logits.astype(jnp.float32), self.suppressed_ids)
         logp_all = jax.nn.log_softmax(logits, axis=-1)
         logp = jnp.take_along_axis(logp_all, batch["targets"][..., None], axis=-1)[..., 0]
         mask = batch["loss_mask"].astype(jnp.float32)

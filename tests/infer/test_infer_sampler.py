@@ -272,3 +272,28 @@ def test_sharded_decode_equals_one_device(model):
     for a, b in zip(one, many):
         assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_suppressed_ids_are_never_sampled_and_logprobs_are_renormalised(model):
+    """`suppress_ids` (a K2.5 policy's media placeholders in RL): the ids never come out, even where they are
+    the greedy choice or carry most of the probability, and each token's logprob is the training forward's
+    log_softmax renormalised over the other ids, as the RL loss computes it (`suppress_logits`)."""
+    from k25.infer.sampling import suppress_logits
+
+    reqs = mixed_requests(model.cfg.vocab_size)
+    plain = Sampler(model, max_slots=3, max_len=64, cache_dtype=jnp.float32).generate(reqs)
+    # ban what the plain sampler picked most often: greedy requests must now take other tokens
+    counts = np.bincount(np.concatenate([c.token_ids for c in plain]), minlength=model.cfg.vocab_size)
+    banned = tuple(int(t) for t in np.argsort(counts)[::-1][:3])
+    s = Sampler(model, max_slots=3, max_len=64, cache_dtype=jnp.float32, suppress_ids=banned)
+    out = s.generate(reqs)
+    assert not set(banned) & {t for c in out for t in c.token_ids}
+    assert any(a.token_ids != b.token_ids for a, b in zip(out, plain))
+    for c in out:
+        logp = np.asarray(jax.nn.log_softmax(suppress_logits(
+            jnp.asarray(train_logp(model, c.prompt_ids + c.token_ids)), banned)))
+        n = len(c.prompt_ids)
+        want = logp[np.arange(n - 1, n - 1 + len(c.token_ids)), c.token_ids]
+        np.testing.assert_allclose(c.logprobs, want, atol=TOL)
+    with pytest.raises(ValueError, match="suppress_ids"):
+        Sampler(model, max_slots=1, max_len=8, suppress_ids=[model.cfg.vocab_size])

@@ -64,6 +64,7 @@ def test_planned_policy_loss_equals_eq1_on_the_plain_k25_logits():
         row["input_ids"][:L], row["targets"][:L] = full[:-1], full[1:]
         row["positions"][:L], row["segment_ids"][:L] = np.arange(L), 1
         row["loss_mask"][len(e.prompt_ids) - 1:L] = (rng.random(L - len(e.prompt_ids) + 1) < 0.8)
+        row["loss_mask"][np.isin(row["targets"], stage.suppressed_ids)] = 0  # observation tokens, as the env masks
         rows.append(row)
         pixels.append(stage.row_pixels(e, row["input_ids"]))
     while len(rows) < B:  # padding rows
@@ -78,7 +79,11 @@ def test_planned_policy_loss_equals_eq1_on_the_plain_k25_logits():
     loss_sum, aux = jax.jit(stage.loss_fn)(model, batch)
     logits = model(jnp.asarray(raw["input_ids"]), pixel_values=jnp.asarray(raw["pixel_values"]),
                    image_grid_thw=raw["image_grid_thw"]).logits.astype(jnp.float32)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(raw["targets"])[..., None], -1)[..., 0]
+    # the policy never samples its media placeholders: its distribution is renormalised over the other ids
+    assert stage.suppressed_ids == tuple(sorted({stage.model_cfg.image_token_id, stage.model_cfg.video_token_id}))
+    allowed = ~np.isin(np.arange(logits.shape[-1]), stage.suppressed_ids)
+    lse = jax.scipy.special.logsumexp(jnp.where(allowed, logits, -jnp.inf), axis=-1)
+    logp = jnp.take_along_axis(logits, jnp.asarray(raw["targets"])[..., None], -1)[..., 0] - lse
     ref, stats = policy_loss(logp, old, adv, raw["loss_mask"], **stage.loss_cfg.kwargs())
     np.testing.assert_allclose(loss_sum / aux["num_tokens"], ref, rtol=1e-5)
     np.testing.assert_allclose(aux["mean_abs_log_ratio"], stats["mean_abs_log_ratio"], rtol=1e-5)
