@@ -84,6 +84,10 @@ def default_rl_config() -> ml_collections.ConfigDict:
     # with drop_uniform_groups: at most this many rollout iterations per step; if the batch is still not full
     # then (a policy that solves or fails every prompt), it is laid out part-filled (`batch_fill` < 1)
     rl.max_iterations_per_step = 32
+    # 0: every training prompt is a new draw of the task stream; N > 0: training cycles over the stream's first N
+    # prompts (epochs over a fixed set). With Toggle on, a pool's budgets are fitted once before the first step
+    # from K responses of the starting policy per prompt (Eq. 2: "estimated once at the beginning of training")
+    rl.prompt_pool = 0
     rl.loss = ml_collections.ConfigDict(dataclasses.asdict(PolicyLossConfig()))
     # no wall-time limits on the in-process sampler by default: its first calls compile, and a timeout would
     # make what a step trains on depend on the machine's speed (and break exact resumes)
@@ -162,6 +166,13 @@ class RLStage(TextLMStage):
             raise ValueError(f"config.rl.sampler.weight_noise={rl.sampler.weight_noise}: a relative noise scale "
                              ">= 0 (0 = the trainer's weights exactly)")
         self.toggle_cfg = ToggleConfig(**rl.toggle.to_dict())
+        self.prompt_pool = int(rl.get("prompt_pool", 0))
+        if self.prompt_pool and self.prompt_pool < config.batch_size // rl.group_size:
+            raise ValueError(f"config.rl.prompt_pool={self.prompt_pool} is smaller than the prompts of one step "
+                             f"({config.batch_size // rl.group_size} = batch_size / group_size): a step's prompts "
+                             "must differ; raise it, or 0 for a fresh prompt every draw")
+        if self.prompt_pool < 0:
+            raise ValueError(f"config.rl.prompt_pool={self.prompt_pool} must be >= 0 (0 = no pool)")
         synthetic = (config.get("data") or {}).get("synthetic") or {}
         self.sources = {name: vision.VisionSource(name) if vision.is_vision(name) else
                         make_task(name, **dict(synthetic.get(name, {}))) for name in rl.tasks}
@@ -443,6 +454,7 @@ class RLIterator:
         self.version = 0  # trainer step whose weights the sampler holds
         self.buffer: list[list[Episode]] = []  # complete groups not yet trained on
         self.toggle = Toggle(stage.toggle_cfg)
+        self.toggle_fitted = False  # a prompt pool's budgets, fitted once before the first step
         self.manager: RolloutManager | None = None
         self._manager_state: dict | None = None
         self._acc: dict[str, list[float]] = {}
@@ -475,8 +487,12 @@ class RLIterator:
         drop = bool(st.rl.get("drop_uniform_groups", False))
         cap = int(st.rl.get("max_iterations_per_step", 0)) if drop else 0
         iterations = dropped = 0
+        pool = st.prompt_pool
+        if pool and st.toggle_cfg.enabled and not self.toggle_fitted:
+            self._fit_toggle()
         while sum(len(g) for g in self.buffer) < rows and not (cap and iterations >= cap):
-            tasks = [st.task(self.cursor + i, self.seed) for i in range(prompts)]
+            tasks = [st.task((self.cursor + i) % pool if pool else self.cursor + i, self.seed)
+                     for i in range(prompts)]
             self.cursor += prompts
             res = asyncio.run(mgr.run_iteration(tasks, self.iteration))
             self.iteration += 1
@@ -504,6 +520,27 @@ class RLIterator:
             batch_groups.append(g)
             n += len(g)
         return self._batch(batch_groups)
+
+    def _fit_toggle(self) -> None:
+        """Toggle's budgets for every prompt of the pool from K responses of the current (starting) policy, each
+        episode run to its end (no partial rollouts); these rollouts are not trained on."""
+        st = self.stage
+        pool = [st.task(i, self.seed) for i in range(st.prompt_pool)]
+        cfg = dataclasses.replace(st.rollout_cfg, tokens_per_iteration=st.rollout_cfg.max_response_tokens)
+        chunk = max(1, int(st.rl.sampler.max_slots) // cfg.group_size)
+        mgr = RolloutManager(SamplerPolicy(st.ensure_sampler(), st.media), EnvPool(st.make_env, chunk), cfg)
+        groups: dict[str, tuple[list[float], list[int]]] = {}
+        for n, start in enumerate(range(0, len(pool), chunk)):
+            res = asyncio.run(mgr.run_iteration(pool[start:start + chunk], -1 - n))
+            for g in res.groups:
+                groups[g[0].task["id"]] = ([e.reward for e in g], [e.response_tokens for e in g])
+        self.toggle.fit(groups)
+        self.toggle_fitted = True
+        budgets = [b for b in self.toggle.budgets.values() if b is not None]
+        self._add("toggle_fitted_prompts", [len(groups)])
+        self._add("toggle_budgeted_prompts", [len(budgets)])
+        if budgets:
+            self._add("toggle_budget_mean", [float(np.mean(budgets))])
 
     def _uniform(self, group: list[Episode]) -> bool:
         """Whether the rewards a group's advantages come from (Toggle's at the current step) are all equal: then
@@ -583,13 +620,15 @@ class RLIterator:
         mgr = self.manager.state_dict() if self.manager is not None else self._manager_state
         return {"cursor": self.cursor, "iteration": self.iteration, "version": self.version,
                 "buffer": [[dataclasses.asdict(e) for e in g] for g in self.buffer],
-                "toggle": self.toggle.state_dict(), "manager": mgr, "acc": self._acc}
+                "toggle": self.toggle.state_dict(), "toggle_fitted": self.toggle_fitted, "manager": mgr,
+                "acc": self._acc}
 
     def set_state(self, state: dict[str, Any]) -> None:
         state = json.loads(json.dumps(state))  # a plain copy
         self.cursor, self.iteration, self.version = state["cursor"], state["iteration"], state["version"]
         self.buffer = [[Episode(**e) for e in g] for g in state["buffer"]]
         self.toggle = Toggle.from_state_dict(state["toggle"])
+        self.toggle_fitted = bool(state.get("toggle_fitted", False))
         self._manager_state = state["manager"]
         self._acc = {k: list(v) for k, v in state.get("acc", {}).items()}
         if self.manager is not None and self._manager_state is not None:

@@ -77,3 +77,34 @@ def test_bad_config_and_inputs():
         ToggleConfig(m=0)
     with pytest.raises(ValueError, match="lengths"):
         Toggle().apply(0, "x", [1, 1], [3])
+
+
+@pytest.mark.slow
+def test_a_prompt_pool_fits_toggle_budgets_once_before_training(tmp_path):
+    """`rl.prompt_pool` = N: training cycles over the task stream's first N prompts, and with Toggle on their
+    budgets are fitted once, from K responses of the starting policy per prompt, before the first step (Eq. 2's
+    "estimated once at the beginning of training"); later groups never refit them and the fit survives a
+    checkpoint of the iterator's state."""
+    from experiments import rl_text
+    from k25.train.loop import Trainer
+
+    c = rl_text.get_config("smoke")
+    c.mesh.devices = 1
+    c.rl.prompt_pool, c.rl.toggle.enabled = 4, True  # 2 prompts per step (batch 8 / K 4): 2 steps an epoch
+    t = Trainer(c, str(tmp_path))
+    it = t.data_iterator()
+    it.observe_state(t.init_state(), 0)
+    next(it)
+    pool_ids = {t.stage.task(i, c.seed).id for i in range(4)}
+    assert it.toggle_fitted and set(it.toggle.budgets) == pool_ids
+    assert it.host_metrics()["toggle_fitted_prompts"] == 4
+    fitted = dict(it.toggle.budgets)
+    next(it), next(it)  # into the second epoch: every training prompt is a pool prompt, no budget refitted
+    assert it.toggle.budgets == fitted and "toggle_fitted_prompts" not in it.host_metrics()
+    state = it.get_state()
+    again = t.data_iterator()
+    again.set_state(state)
+    assert again.toggle_fitted and again.toggle.budgets == fitted
+    c.rl.prompt_pool = 1
+    with pytest.raises(ValueError, match="rl.prompt_pool=1"):
+        Trainer(c, str(tmp_path / "bad"))
