@@ -233,12 +233,15 @@ def _ep_body_ragged(x: jnp.ndarray, weights: jnp.ndarray, idx: jnp.ndarray, vali
     recv_routed = recv_per_expert.sum(1)
     before = jnp.cumsum(recv_routed) - recv_routed
     accept = jnp.clip(rows - before, 0, recv_routed)  # R handed out first come, in sender order
-    offset_in = jnp.minimum(before, rows)
+    # empty slices get offset 0, so every offset lies inside its buffer whatever the backend checks
+    offset_in = jnp.where(accept > 0, before, 0)
+    start_in = jnp.where(accept > 0, start_in, 0)
     # receivers -> senders: [j] = (rows receiver j accepts from me, where they go there)
     answer = jax.lax.all_to_all(jnp.stack([accept, offset_in], 1), EP, 0, 0)
     allowed, offset_out = answer[:, 0], answer[:, 1]
     pos = jnp.arange(t * k) - start[dest]
     keep = real[order] & (pos < allowed[dest])
+    start = jnp.where(allowed > 0, start, 0)
 
     recv = ragged_a2a(x[token], _zeros_varying_as(x, rows), start, allowed, offset_out, accept, axis_name=EP)
 
