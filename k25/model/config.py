@@ -11,6 +11,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+EP_EXCHANGES = ("all_to_all", "ragged")  # K2Config.ep_exchange (k25/parallel/expert.py)
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -161,7 +163,7 @@ class K2Config:
             need(self.moe_block_size > 0, f"moe_block_size={self.moe_block_size} must be positive.")
             need(self.ep_capacity_factor >= 0,
                  f"ep_capacity_factor={self.ep_capacity_factor} must be >= 0 (0 = dropless worst-case buffer).")
-            need(self.ep_exchange in ("all_to_all", "ragged"),
+            need(self.ep_exchange in EP_EXCHANGES,
                  f"ep_exchange={self.ep_exchange!r} must be 'all_to_all' or 'ragged' (ragged_all_to_all, GPU/TPU).")
             need(self.bias_update_rate >= 0, f"bias_update_rate={self.bias_update_rate} must be >= 0 (0 = off).")
         if self.first_k_dense_replace > 0:

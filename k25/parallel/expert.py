@@ -55,13 +55,12 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
-from k25.model.config import K2Config
+from k25.model.config import EP_EXCHANGES, K2Config
 from k25.model.grouped_gemm import grouped_swiglu
 from k25.parallel.collectives import all_to_all_bits
 from k25.parallel.mesh import BATCH_AXES
 
 EP = "ep"
-EXCHANGES = ("all_to_all", "ragged")
 
 
 def ambient_ep(mesh: Mesh | AbstractMesh | None = None) -> int:
@@ -277,8 +276,8 @@ def expert_parallel_moe(x: jnp.ndarray, weights: jnp.ndarray, idx: jnp.ndarray, 
     """
     if capacity_factor < 0:
         raise ValueError(f"ep_capacity_factor={capacity_factor} must be >= 0 (0 = dropless worst-case buffer).")
-    if exchange not in EXCHANGES:
-        raise ValueError(f"ep_exchange={exchange!r} must be one of {EXCHANGES}.")
+    if exchange not in EP_EXCHANGES:
+        raise ValueError(f"ep_exchange={exchange!r} must be one of {EP_EXCHANGES}.")
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     ep = ambient_ep(mesh)
     n_exp = w_gate.shape[0]

@@ -48,7 +48,7 @@ from k25.rl import vision
 from k25.rl.env import AgentEnv, ChatTurns, PlainTurns, RewardJudge, Task
 from k25.rl.loss import PolicyLossConfig, group_advantages, policy_loss
 from k25.rl.media import MediaStore
-from k25.rl.rollout import EnvPool, Episode, RolloutConfig, RolloutManager, SamplerPolicy
+from k25.rl.rollout import EnvPool, Episode, IterationResult, RolloutConfig, RolloutManager, SamplerPolicy
 from k25.rl.toggle import Toggle, ToggleConfig
 from k25.rl.weight_noise import perturb_weights
 from k25.train.init_from import copy_into
@@ -400,19 +400,29 @@ class RLStage(TextLMStage):
                              "go through k25.rl.rollout.EndpointPolicy samplers)")
         return RLIterator(self, seed)
 
+    def run_once(self, tasks: list[Task], cfg: RolloutConfig, iteration: int = 0) -> IterationResult:
+        """One rollout iteration of `tasks` on the sampler's current weights with its own manager and
+        environments (no partial rollouts carried into training): held-out evaluation, Toggle's fit."""
+        mgr = RolloutManager(SamplerPolicy(self.ensure_sampler(), self.media), EnvPool(self.make_env, len(tasks)),
+                             cfg)
+        return asyncio.run(mgr.run_iteration(tasks, iteration))
+
+    def run_greedy(self, model: nnx.Module, tasks: list[Task]) -> IterationResult:
+        """`tasks` once each, greedily, with `model`'s weights pushed to the sampler (held-out evaluation)."""
+        _, params, buffers = nnx.split(model, nnx.Param, ...)
+        self.push_weights(nnx.to_pure_dict(params), nnx.to_pure_dict(buffers))
+        turn = int(self.rl.sampler.eval_max_new_tokens)
+        whole = int(self.rl.sampler.get("eval_max_response_tokens", 0)) or turn
+        return self.run_once(tasks, dataclasses.replace(self.rollout_cfg, group_size=1, temperature=0.0,
+                                                        tokens_per_iteration=whole, max_response_tokens=whole,
+                                                        max_turn_tokens=turn))
+
     def evaluate(self, model: nnx.Module) -> dict[str, Any]:
         """Greedy held-out accuracy (`eval/accuracy`: mean reward over the eval tasks) with these weights."""
         tasks = self.eval_tasks()
         if not tasks:
             return {}
-        _, params, buffers = nnx.split(model, nnx.Param, ...)
-        self.push_weights(nnx.to_pure_dict(params), nnx.to_pure_dict(buffers))
-        turn = int(self.rl.sampler.eval_max_new_tokens)
-        whole = int(self.rl.sampler.get("eval_max_response_tokens", 0)) or turn
-        cfg = dataclasses.replace(self.rollout_cfg, group_size=1, temperature=0.0, tokens_per_iteration=whole,
-                                  max_response_tokens=whole, max_turn_tokens=turn)
-        mgr = RolloutManager(SamplerPolicy(self.sampler, self.media), EnvPool(self.make_env, len(tasks)), cfg)
-        res = asyncio.run(mgr.run_iteration(tasks, 0))
+        res = self.run_greedy(model, tasks)
         eps = res.finished + res.carried  # a carried (cut-off) answer has not been judged: it counts as wrong
         rewards = [e.reward if e.status == "done" else 0.0 for e in eps]
         out = {"eval/accuracy": float(np.mean(rewards)) if eps else 0.0,
@@ -528,11 +538,9 @@ class RLIterator:
         pool = [st.task(i, self.seed) for i in range(st.prompt_pool)]
         cfg = dataclasses.replace(st.rollout_cfg, tokens_per_iteration=st.rollout_cfg.max_response_tokens)
         chunk = max(1, int(st.rl.sampler.max_slots) // cfg.group_size)
-        mgr = RolloutManager(SamplerPolicy(st.ensure_sampler(), st.media), EnvPool(st.make_env, chunk), cfg)
         groups: dict[str, tuple[list[float], list[int]]] = {}
         for n, start in enumerate(range(0, len(pool), chunk)):
-            res = asyncio.run(mgr.run_iteration(pool[start:start + chunk], -1 - n))
-            for g in res.groups:
+            for g in st.run_once(pool[start:start + chunk], cfg, iteration=-1 - n).groups:
                 groups[g[0].task["id"]] = ([e.reward for e in g], [e.response_tokens for e in g])
         self.toggle.fit(groups)
         self.toggle_fitted = True

@@ -36,7 +36,6 @@ import numpy as np
 from flax import nnx
 
 from k25.rl.env import Task
-from k25.rl.rollout import EnvPool, RolloutManager, SamplerPolicy
 from k25.rl.trainer import RLIterator, RLStage, default_rl_config
 from k25.swarm.config import SwarmConfig
 from k25.swarm.orchestrator import run_swarm
@@ -239,14 +238,7 @@ class ParlStage(RLStage):
         if not tasks:
             return {}
         if self.config.parl.policy == "model":
-            _, params, buffers = nnx.split(model, nnx.Param, ...)
-            self.push_weights(nnx.to_pure_dict(params), nnx.to_pure_dict(buffers))
-            turn = int(self.rl.sampler.eval_max_new_tokens)
-            whole = int(self.rl.sampler.get("eval_max_response_tokens", 0)) or turn
-            cfg = dataclasses.replace(self.rollout_cfg, group_size=1, temperature=0.0, tokens_per_iteration=whole,
-                                      max_response_tokens=whole, max_turn_tokens=turn)
-            mgr = RolloutManager(SamplerPolicy(self.sampler), EnvPool(self.make_env, len(tasks)), cfg)
-            res = asyncio.run(mgr.run_iteration(tasks, 0))
+            res = self.run_greedy(model, tasks)
             by_task = {e.task["id"]: e for e in res.finished + res.carried}
             # a failed episode, or a cut-off one whose env logs no terms, scores as an invalid action
             empty = episode_reward([{"main_steps": 1, "sub_steps": [], "subagents": []}], {}, self.current_step,

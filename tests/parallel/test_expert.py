@@ -193,31 +193,41 @@ def masked_moe(x, weights, idx, keep, w_gate, w_up, w_down):
     return jnp.einsum("tkd,tk->td", y, weights * keep)
 
 
-@pytest.mark.parametrize("shape, n", [((1, 2, 4), 64), ((1, 1, 8), 60)])
-def test_ep_capacity_drops_the_last_rows_of_each_rank_pair(shape, n):
+def skewed_routing(n: int, seed: int = 2):
+    """A MoE layer and n tokens routed with a skew (the low experts, on the first ep ranks, are favoured), so
+    some ranks receive far more than their average: (cfg, idx, weights, x, cotangent, expert weights)."""
     cfg, layer = moe_layer(grouped_gemm="blocked")
     n_exp, k, d = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
-    rng = np.random.default_rng(2)
-    p = np.exp(-np.arange(n_exp) / 3.0)  # skewed: the low experts (on the first ep ranks) are favoured
+    rng = np.random.default_rng(seed)
+    p = np.exp(-np.arange(n_exp) / 3.0)
     idx = np.stack([rng.choice(n_exp, k, replace=False, p=p / p.sum()) for _ in range(n)]).astype(np.int32)
     weights = jnp.asarray(rng.uniform(0.1, 1.0, (n, k)), jnp.float32)
     x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
     cot = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
     w = tuple(getattr(layer.experts, name)[...] for name in ("gate_proj", "up_proj", "down_proj"))
+    return cfg, idx, weights, x, cot, w
+
+
+def value_and_grads(f, cot):
+    """jit(value_and_grad) of sum(f(x, weights, *w)[0] * cot) w.r.t. x, weights and the three expert stacks."""
+    def value(x, weights, *w):
+        out, *aux = f(x, weights, *w)
+        return jnp.sum(out * cot), (out, *aux)
+    return jax.jit(jax.value_and_grad(value, argnums=(0, 1, 2, 3, 4), has_aux=True))
+
+
+@pytest.mark.parametrize("shape, n", [((1, 2, 4), 64), ((1, 1, 8), 60)])
+def test_ep_capacity_drops_the_last_rows_of_each_rank_pair(shape, n):
+    cfg, idx, weights, x, cot, w = skewed_routing(n)
+    n_exp = cfg.n_routed_experts
     factor, ep = 1.0, shape[2]
     keep = kept_assignments(idx, shape[1] * ep, ep, n_exp, factor)
     assert 0 < (~keep).sum() < keep.size / 2
 
-    def loss(f):
-        def value(x, weights, *w):
-            out, *aux = f(x, weights, *w)
-            return jnp.sum(out * cot), (out, *aux)
-        return jax.jit(jax.value_and_grad(value, argnums=(0, 1, 2, 3, 4), has_aux=True))
-
-    (_, (out0,)), grads0 = loss(lambda x, wt, *w: (masked_moe(x, wt, idx, keep, *w),))(x, weights, *w)
+    (_, (out0,)), grads0 = value_and_grads(lambda x, wt, *w: (masked_moe(x, wt, idx, keep, *w),), cot)(x, weights, *w)
     with jax.set_mesh(mesh_of(shape)):
-        (_, (out, counts, dropped)), grads = loss(
-            lambda x, wt, *w: expert_parallel_moe(x, wt, jnp.asarray(idx), *w, "blocked", 8, factor))(x, weights, *w)
+        (_, (out, counts, dropped)), grads = value_and_grads(
+            lambda x, wt, *w: expert_parallel_moe(x, wt, jnp.asarray(idx), *w, "blocked", 8, factor), cot)(x, weights, *w)
     assert int(dropped) == (~keep).sum()
     np.testing.assert_array_equal(counts, np.bincount(idx.reshape(-1), minlength=n_exp))  # all routed rows
     np.testing.assert_allclose(out, out0, atol=1e-4, rtol=1e-4)

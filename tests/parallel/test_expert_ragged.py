@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_expert import MESHES, masked_moe, mesh_of, moe_layer
+from test_expert import MESHES, masked_moe, mesh_of, skewed_routing, value_and_grads
 from tolerance import assert_close_at_scale
 
 from k25.model import moe
@@ -60,27 +60,6 @@ def test_dense_reference_equals_the_primitive():
     np.testing.assert_array_equal(_docs_example(jax.lax.ragged_all_to_all), _docs_example(dense_ragged_all_to_all))
 
 
-def routing(n: int, seed: int = 2):
-    """A MoE layer and n tokens routed with a skew, so some ranks receive far more than their average."""
-    cfg, layer = moe_layer(grouped_gemm="blocked")
-    n_exp, k, d = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
-    rng = np.random.default_rng(seed)
-    p = np.exp(-np.arange(n_exp) / 3.0)
-    idx = np.stack([rng.choice(n_exp, k, replace=False, p=p / p.sum()) for _ in range(n)]).astype(np.int32)
-    weights = jnp.asarray(rng.uniform(0.1, 1.0, (n, k)), jnp.float32)
-    x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
-    cot = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
-    w = tuple(getattr(layer.experts, name)[...] for name in ("gate_proj", "up_proj", "down_proj"))
-    return cfg, idx, weights, x, cot, w
-
-
-def value_and_grads(f, cot):
-    def value(x, weights, *w):
-        out, *aux = f(x, weights, *w)
-        return jnp.sum(out * cot), (out, *aux)
-    return jax.jit(jax.value_and_grad(value, argnums=(0, 1, 2, 3, 4), has_aux=True))
-
-
 def ragged(idx, factor=0.0):
     return lambda x, wt, *w: expert_parallel_moe(x, wt, jnp.asarray(idx), *w, "blocked", 8, factor,
                                                  exchange="ragged", ragged_a2a=dense_ragged_all_to_all)
@@ -88,7 +67,7 @@ def ragged(idx, factor=0.0):
 
 @pytest.mark.parametrize("shape", MESHES)
 def test_dropless_ragged_exchange_equals_the_static_exchange_and_one_device(shape):
-    cfg, idx, weights, x, cot, w = routing(64)
+    cfg, idx, weights, x, cot, w = skewed_routing(64)
     keep = np.ones(idx.shape, bool)
     (_, (out0,)), grads0 = value_and_grads(lambda x, wt, *w: (masked_moe(x, wt, idx, keep, *w),), cot)(x, weights, *w)
     static = lambda x, wt, *w: expert_parallel_moe(x, wt, jnp.asarray(idx), *w, "blocked", 8)  # noqa: E731
@@ -130,7 +109,7 @@ def kept_ragged(idx: np.ndarray, dp: int, ep: int, n_exp: int, factor: float) ->
 
 @pytest.mark.parametrize("shape, n", [((1, 2, 4), 64), ((1, 1, 8), 60)])
 def test_ragged_capacity_drops_past_each_receivers_rows(shape, n):
-    cfg, idx, weights, x, cot, w = routing(n)
+    cfg, idx, weights, x, cot, w = skewed_routing(n)
     factor = 1.0
     keep = kept_ragged(idx, shape[1], shape[2], cfg.n_routed_experts, factor)
     assert 0 < (~keep).sum() < keep.size / 2
