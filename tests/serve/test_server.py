@@ -170,7 +170,16 @@ def read_until(resp: httpx.Response, words: str, limit: int = 200) -> None:
             return
 
 
-def test_client_gone_mid_stream_frees_the_sampler(server, client, sampler):
+def test_client_gone_mid_stream_frees_the_sampler(server, client, sampler, monkeypatch):
+    # the tiny model decodes 200 tokens faster than a loaded machine reads the first chunk; 20 ms a step
+    # keeps the request in flight until the client goes
+    decode = sampler._decode_step
+
+    def slow_decode() -> None:
+        decode()
+        time.sleep(0.02)
+
+    monkeypatch.setattr(sampler, "_decode_step", slow_decode)
     body = {"model": "tiny", "messages": HELLO, "max_tokens": 200, "temperature": 0, "stream": True}
     with httpx.Client(timeout=60) as h:
         with h.stream("POST", server.url + "/chat/completions", json=body,
