@@ -1,11 +1,15 @@
-"""Training throughput: tokens/s and model-FLOP utilisation against this machine's measured float32 matmul rate.
+"""Training throughput: tokens/s and model-FLOP utilisation against this machine's measured matmul rate and, on an
+accelerator, against the chip's published bf16 peak.
 
-For each config (`--configs`, default both):
+For each config (`--configs`, default tiny_lm and moe_25m):
 * `tiny_lm`: the quickstart (experiments/tiny_lm.py: 4-layer hidden-128 K2 MoE, batch 16 x 128);
 * `moe_25m`: the ~26M-parameter MoE of the muon bench (`experiments.benchmarks.muon.moe_25m`), 32 x 256 = 8192
   tokens per step;
-the median seconds of one full jitted `Trainer.step` (MuonClip, as configured, float32) over `--repeats` steps on
-one fixed batch after a compiling warm-up step gives
+* `moe_1b`: the same family at hidden 2048, 26 layers, 16 heads, 16 experts top-4 (1.03B active / 2.92B total
+  parameters), `--big_batch` x `--big_seq_len` = 4 x 2048 tokens per step, layers scanned: the "~1B-active MoE"
+  that an accelerator measures (far too slow for a CPU);
+the median seconds of one full jitted `Trainer.step` (MuonClip, as configured) over `--repeats` steps on one fixed
+batch after a compiling warm-up step gives
 
     tokens_per_s = batch * seq_len / step_s
     model_flops_per_s = batch * seq_len * model_flops_per_token(cfg, seq_len) / step_s
@@ -15,59 +19,90 @@ with model_flops_per_token = 6 * (active_params - vocab * hidden) + 6 * L * H * 
 (`k25.model.params.model_flops_per_token`: 6 FLOPs per activated matmul weight per token for forward + backward,
 the embedding lookup excluded, plus the score and value matmuls of attention over the full seq_len^2; the
 optimizer's own work, including Newton-Schulz, is not model FLOPs). The peak is measured in the same run: the
-median time of a jitted `--matmul_n`^3 float32 matmul (2 n^3 FLOPs) over `--matmul_repeats` runs. The headline
-`tokens_per_s` / `mfu_vs_cpu_matmul_peak` are moe_25m's (target MFU >= 0.3); both configs' figures are under
-their names.
+median time of a jitted `--matmul_n`^3 matmul (2 n^3 FLOPs) in `--dtype` over `--matmul_repeats` runs, on the
+default device (the key keeps its CPU name). The headline `tokens_per_s` / `mfu_vs_cpu_matmul_peak` are
+moe_25m's (target MFU >= 0.3 on the CPU); every config's figures are under its name.
+
+On an accelerator run `--dtype=bfloat16` (compute in bf16 over float32 parameters, as k2_full does; default
+float32, the CPU figures). `mfu_vs_chip_bf16_peak = model_flops_per_s / chip_bf16_peak_flops_per_s` uses the
+chip's dense bf16 peak from `--peak_flops` or, when that is 0, the datasheet table in `_chips.py` matched on the
+device kind; it is null where neither gives one (a CPU). `peak_bytes_in_use` is the device allocator's
+high-water mark after the config's steps (cumulative over the configs run before it; null on a CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from experiments import tiny_lm
+from experiments.benchmarks._chips import bf16_peak_flops
 from experiments.benchmarks._timing import machine, median_seconds
 from experiments.benchmarks.muon import StepTimer, add_model_flags, median_step_seconds, moe_25m, train_config
 from k25.model.config import K2Config
 from k25.model.params import count_params, model_flops_per_token
 from k25.train.pretrain import model_config
 
-CONFIGS = ("tiny_lm", "moe_25m")
+CONFIGS = ("tiny_lm", "moe_25m", "moe_1b")
+DEFAULT_CONFIGS = ("tiny_lm", "moe_25m")
 
 
-def matmul_peak_flops_per_s(n: int, repeats: int) -> tuple[float, float]:
-    """(FLOP/s, median seconds) of a jitted float32 n x n @ n x n matmul."""
+def moe_1b() -> K2Config:
+    """The ~1B-active MoE: moe_25m's family at hidden 2048, 26 layers (1 dense), 16 heads, 16 experts top-4."""
+    return dataclasses.replace(moe_25m(hidden=2048, layers=26, heads=16, experts=16, topk=4), unroll_layers=False)
+
+
+def matmul_peak_flops_per_s(n: int, repeats: int, dtype: str = "float32") -> tuple[float, float]:
+    """(FLOP/s, median seconds) of a jitted n x n @ n x n matmul in `dtype` (float32 at HIGHEST precision)."""
     ka, kb = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(ka, (n, n), jnp.float32)
-    y = jax.random.normal(kb, (n, n), jnp.float32)
-    f = jax.jit(lambda x, y: jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST))
+    x = jax.random.normal(ka, (n, n), dtype)
+    y = jax.random.normal(kb, (n, n), dtype)
+    precision = jax.lax.Precision.HIGHEST if dtype == "float32" else None
+    f = jax.jit(lambda x, y: jnp.matmul(x, y, precision=precision))
     s = median_seconds(f, x, y, repeats=repeats)
     return 2 * n ** 3 / s, s
 
 
-def measure(name: str, config, repeats: int, peak: float) -> dict[str, Any]:
+def peak_bytes_in_use() -> int | None:
+    """The default device allocator's high-water mark, where the backend reports one (not XLA:CPU)."""
+    stats = jax.devices()[0].memory_stats()
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def measure(name: str, config, repeats: int, peak: float, chip_peak: float | None) -> dict[str, Any]:
     cfg: K2Config = model_config(config)
     timer = StepTimer(config)
     step_s = median_step_seconds({name: timer}, repeats)[name]
     tokens = config.batch_size * config.seq_len
     per_token = model_flops_per_token(cfg, config.seq_len)
     flops_per_s = tokens * per_token / step_s
-    return {**count_params(cfg), "batch": config.batch_size, "seq_len": config.seq_len,
-            "tokens_per_step": tokens, "optimizer": config.optim.name, "step_s": step_s,
-            "tokens_per_s": tokens / step_s, "model_flops_per_token": per_token,
-            "model_flops_per_s": flops_per_s, "mfu_vs_cpu_matmul_peak": flops_per_s / peak,
-            "loss": float(timer.metrics["loss"])}
+    out = {**count_params(cfg), "batch": config.batch_size, "seq_len": config.seq_len, "dtype": cfg.dtype,
+           "tokens_per_step": tokens, "optimizer": config.optim.name, "step_s": step_s,
+           "tokens_per_s": tokens / step_s, "model_flops_per_token": per_token,
+           "model_flops_per_s": flops_per_s, "mfu_vs_cpu_matmul_peak": flops_per_s / peak,
+           "mfu_vs_chip_bf16_peak": flops_per_s / chip_peak if chip_peak else None,
+           "loss": float(timer.metrics["loss"])}
+    del timer  # free this config's state before the next one's
+    out["peak_bytes_in_use"] = peak_bytes_in_use()
+    return out
 
 
 def run(argv: list[str]) -> dict:
     p = argparse.ArgumentParser("train")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {CONFIGS}")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated subset of {CONFIGS}")
     add_model_flags(p)  # moe_25m's model and batch
     p.add_argument("--tiny_batch", type=int, default=None, help="tiny_lm batch (default: its config's 16)")
     p.add_argument("--tiny_seq_len", type=int, default=None, help="tiny_lm seq_len (default: its config's 128)")
+    p.add_argument("--big_batch", type=int, default=4, help="moe_1b batch")
+    p.add_argument("--big_seq_len", type=int, default=2048, help="moe_1b seq_len")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype of every config and of the matmul peak (bfloat16 on an accelerator)")
+    p.add_argument("--peak_flops", type=float, default=0.0,
+                   help="the chip's dense bf16 FLOP/s for mfu_vs_chip_bf16_peak (0: the _chips.py table)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per config (median)")
     p.add_argument("--matmul_n", type=int, default=2048)
     p.add_argument("--matmul_repeats", type=int, default=9)
@@ -76,10 +111,17 @@ def run(argv: list[str]) -> dict:
     bad = sorted(set(names) - set(CONFIGS))
     if bad:
         raise SystemExit(f"train bench: unknown config(s) {bad}; choose from {CONFIGS}")
+    if a.peak_flops < 0:
+        raise SystemExit(f"train bench: --peak_flops must be >= 0 (0 looks the chip up), got {a.peak_flops}")
 
-    peak, matmul_s = matmul_peak_flops_per_s(a.matmul_n, a.matmul_repeats)
+    kind = machine()["device"]
+    chip_peak = a.peak_flops or bf16_peak_flops(kind)
+    peak, matmul_s = matmul_peak_flops_per_s(a.matmul_n, a.matmul_repeats, a.dtype)
     out: dict[str, Any] = {"machine": machine(), "args": vars(a), "matmul_peak_flops_per_s": peak,
-                           "matmul_s": matmul_s, "target_mfu_vs_cpu_matmul_peak": 0.3}
+                           "matmul_s": matmul_s, "target_mfu_vs_cpu_matmul_peak": 0.3,
+                           "chip_bf16_peak_flops_per_s": chip_peak,
+                           "chip_peak_source": "--peak_flops" if a.peak_flops else
+                           (f"datasheet table ({kind})" if chip_peak else None)}
     for name in names:
         if name == "tiny_lm":
             c = tiny_lm.get_config()
@@ -87,11 +129,14 @@ def run(argv: list[str]) -> dict:
             c.seq_len = a.tiny_seq_len or c.seq_len
             c.eval_examples, c.eval_at_start, c.progress_bar = 0, False, False
             c.mesh.devices = 1
+        elif name == "moe_1b":
+            c = train_config(moe_1b(), a.big_batch, a.big_seq_len)
         else:
             c = train_config(moe_25m(a.hidden, a.layers, a.heads, a.experts, a.topk, a.vocab), a.batch, a.seq_len)
-        out[name] = measure(name, c, a.repeats, peak)
+        c.model.dtype = a.dtype
+        out[name] = measure(name, c, a.repeats, peak, chip_peak)
     # measure the peak again after the steps, and keep the faster: a busy machine only ever lowers it
-    peak2, matmul_s2 = matmul_peak_flops_per_s(a.matmul_n, a.matmul_repeats)
+    peak2, matmul_s2 = matmul_peak_flops_per_s(a.matmul_n, a.matmul_repeats, a.dtype)
     if peak2 > peak:
         out.update(matmul_peak_flops_per_s=peak2, matmul_s=matmul_s2)
         for name in names:
@@ -100,4 +145,5 @@ def run(argv: list[str]) -> dict:
     out["headline_config"] = headline
     out["tokens_per_s"] = out[headline]["tokens_per_s"]
     out["mfu_vs_cpu_matmul_peak"] = out[headline]["mfu_vs_cpu_matmul_peak"]
+    out["mfu_vs_chip_bf16_peak"] = out[headline]["mfu_vs_chip_bf16_peak"]
     return out

@@ -15,8 +15,10 @@ CASES = {
     "moe": (["--tokens", "256", "--experts", "8", "--topk", "2", "--hidden", "32", "--width", "16",
              "--repeats", "2"], ["speedup_vs_dense"]),
     "muon": (MODEL + ["--repeats", "2"], ["muonclip_over_adamw", "ns_flop_share_k2_full", "ns_flop_share"]),
-    "train": (MODEL + ["--configs", "moe_25m", "--repeats", "2", "--matmul_n", "256", "--matmul_repeats", "3"],
-              ["tokens_per_s", "mfu_vs_cpu_matmul_peak"]),
+    # --peak_flops stands in for a chip's bf16 peak, which a CPU does not have
+    "train": (MODEL + ["--configs", "moe_25m", "--repeats", "2", "--matmul_n", "256", "--matmul_repeats", "3",
+                       "--peak_flops", "1e12"],
+              ["tokens_per_s", "mfu_vs_cpu_matmul_peak", "mfu_vs_chip_bf16_peak"]),
     "pipeline": (["--stages", "2", "--virtual", "2", "--microbatches", "4", "--repeats", "1"],
                  ["bubble_fraction", "bubble_theory", "a2a_bytes_per_step"]),
     "dep": (["--batch", "8", "--seq", "64", "--max_side", "6", "--bin_size", "64", "--repeats", "1"],
@@ -49,3 +51,17 @@ def test_benchmark_prints_its_figures(name):
     result = json.loads(out.stdout)
     for k in keys:
         assert math.isfinite(result[k]) and result[k] > 0, (k, result[k])
+
+
+def test_chip_peaks_and_the_1b_active_moe():
+    from experiments.benchmarks._chips import bf16_peak_flops
+    from experiments.benchmarks.train import moe_1b
+    from k25.model.params import count_params
+
+    assert bf16_peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert bf16_peak_flops("NVIDIA H100 PCIe") == 756e12  # not the SXM figure
+    assert bf16_peak_flops("NVIDIA H200") == 989.4e12
+    assert bf16_peak_flops("TPU v5 lite") == 197e12 and bf16_peak_flops("TPU v5p") == 459e12
+    assert bf16_peak_flops("cpu") is None
+    counts = count_params(moe_1b())
+    assert 1.0e9 <= counts["active_params"] <= 1.1e9 < counts["total_params"], counts
