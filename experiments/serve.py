@@ -29,17 +29,14 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not FLAGS.checkpoint:  # checked here, not as a required flag: see experiments/convert.py
         raise app.UsageError("--checkpoint required: a k25 run directory or an HF checkpoint directory.")
-    import jax.numpy as jnp
     import uvicorn
 
-    from k25.infer import Sampler
     from k25.serve.app import create_app
     from k25.serve.engine import Engine
-    from k25.serve.load import load_checkpoint
+    from k25.serve.load import load_sampler
 
-    model, chat = load_checkpoint(FLAGS.checkpoint)
-    sampler = Sampler(model, max_slots=FLAGS.max_slots, max_len=FLAGS.max_len,
-                      cache_dtype=getattr(jnp, FLAGS.cache_dtype))
+    sampler, chat = load_sampler(FLAGS.checkpoint, max_slots=FLAGS.max_slots, max_len=FLAGS.max_len,
+                                 cache_dtype=FLAGS.cache_dtype)
     name = FLAGS.model_name or os.path.basename(os.path.normpath(FLAGS.checkpoint))
     engine = Engine(sampler, chat, model_name=name)
     uvicorn.run(create_app(engine, api_key=FLAGS.api_key), host=FLAGS.host, port=FLAGS.port)

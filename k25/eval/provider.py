@@ -200,13 +200,11 @@ class K25ModelAPI(ModelAPI):
                     cache_dtype: str = "float32", thinking: bool = True) -> ChatClient:
         """The checkpoint at `path` (a k25 run directory or an HF directory) behind the sampler: a SamplerClient
         (chat format) or, for prompt_format "raw" ("auto" on a pre-training run), a RawClient."""
-        import jax.numpy as jnp
+        from k25.serve.load import load_sampler
 
-        from k25.infer import Sampler
-        from k25.serve.load import load_checkpoint
-
-        model, chat = load_checkpoint(path)
-        sampler = Sampler(model, max_slots=int(max_slots), max_len=int(max_len), cache_dtype=getattr(jnp, cache_dtype))
+        # the plain distribution, placeholders included: evaluations must equal the stages' own (argmax) metrics
+        sampler, chat = load_sampler(path, max_slots=max_slots, max_len=max_len, cache_dtype=cache_dtype,
+                                     suppress_placeholders=False)
         if resolve_format(prompt_format, run_stage(path)) == "raw":
             return RawClient(sampler, chat.tokenizer, model=path, max_slots=int(max_slots))
         from k25.infer.client import SamplerClient

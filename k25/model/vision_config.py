@@ -130,6 +130,14 @@ class K25Config:
     def replace(self, **kw: Any) -> K25Config:
         return dataclasses.replace(self, **kw)
 
+    @property
+    def sampled_placeholder_ids(self) -> tuple[int, ...]:
+        """The media placeholder ids a sampler could emit (those inside the text vocabulary; the released
+        video id lies past it). Only the processor writes them: a sampled one would be a media slot with no
+        media, so samplers suppress them."""
+        ids = {self.image_token_id, self.video_token_id}
+        return tuple(sorted(i for i in ids if i < self.text_config.vocab_size))
+
     def validate(self) -> K25Config:
         """Validate both towers and their junction; raise ValueError naming the field and the fix."""
         self.text_config.validate()

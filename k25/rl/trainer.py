@@ -364,9 +364,7 @@ class RLStage(TextLMStage):
         """Ids the policy never samples: a K2.5 policy's media placeholders (only the processor inserts them;
         a sampled one could not be replayed through the vision path). The sampler and the loss both renormalise
         over the other ids, so π_old and π_θ are the same distribution."""
-        if not self.multimodal:
-            return ()
-        return tuple(sorted({int(self.model_cfg.image_token_id), int(self.model_cfg.video_token_id)}))
+        return self.model_cfg.sampled_placeholder_ids if self.multimodal else ()
 
     def _policy_terms(self, out: Any, batch: dict):
         """(loss sum, aux) of Eq. 1 from the decoder's output on this batch."""

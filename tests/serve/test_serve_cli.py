@@ -118,3 +118,32 @@ def test_run_directory_loads_and_too_small_vocab_is_named(tmp_path):
     small, fmt = load_checkpoint(_run_dir(str(tmp_path / "run272"), 272)[0])  # tiny_lm's vocab: no room to chat
     with pytest.raises(ValueError, match="vocab_size >= 278"):
         Engine(Sampler(small, max_slots=1, max_len=64), fmt, model_name="x")
+
+
+def test_a_k25_checkpoint_is_served_without_sampling_its_media_placeholders(tmp_path):
+    """`load_sampler` (the serve command's sampler): a K2.5 directory's sampler suppresses the image placeholder;
+    the video placeholder sits past the text vocabulary, as released, so it cannot be sampled anyway; a K2
+    directory suppresses nothing, and neither does the evaluations' sampler (suppress_placeholders=False)."""
+    from chat_fixtures import random_model
+
+    from k25.data.chat import load_chat_format
+    from k25.model.k25 import K25Model
+    from k25.model.vision_config import K25Config, tiny_vision
+    from k25.serve.load import load_sampler
+
+    path = str(tmp_path / "k25")
+    os.makedirs(path)
+    n = write_synthetic_kimi_tokenizer(path)
+    fmt = load_chat_format(path)
+    text = tiny(vocab_size=n + 256, hidden_size=64, num_hidden_layers=2, n_routed_experts=4, num_experts_per_tok=2,
+                n_group=1, topk_group=1, dtype="float32")
+    vision = tiny_vision()
+    cfg = K25Config(text_config=text, vision_config=vision, projection_hidden_size=vision.hidden_size,
+                    image_token_id=fmt.image_pad_id, video_token_id=text.vocab_size).validate()
+    k25.hf.save(random_model(cfg, K25Model), path)
+    sampler, chat = load_sampler(path, max_slots=1, max_len=32)
+    assert sampler.suppress_ids == cfg.sampled_placeholder_ids == (fmt.image_pad_id,)
+    assert chat.image_pad_id == fmt.image_pad_id
+    assert load_sampler(path, max_slots=1, max_len=32, suppress_placeholders=False)[0].suppress_ids == ()
+    sampler, _ = load_sampler(hf_dir(str(tmp_path / "k2")), max_slots=1, max_len=32)
+    assert sampler.suppress_ids == ()
