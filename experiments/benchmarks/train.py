@@ -114,10 +114,11 @@ def run(argv: list[str]) -> dict:
     if a.peak_flops < 0:
         raise SystemExit(f"train bench: --peak_flops must be >= 0 (0 looks the chip up), got {a.peak_flops}")
 
-    kind = machine()["device"]
+    host = machine()
+    kind = host["device"]
     chip_peak = a.peak_flops or bf16_peak_flops(kind)
     peak, matmul_s = matmul_peak_flops_per_s(a.matmul_n, a.matmul_repeats, a.dtype)
-    out: dict[str, Any] = {"machine": machine(), "args": vars(a), "matmul_peak_flops_per_s": peak,
+    out: dict[str, Any] = {"machine": host, "args": vars(a), "matmul_peak_flops_per_s": peak,
                            "matmul_s": matmul_s, "target_mfu_vs_cpu_matmul_peak": 0.3,
                            "chip_bf16_peak_flops_per_s": chip_peak,
                            "chip_peak_source": "--peak_flops" if a.peak_flops else

@@ -116,6 +116,11 @@ class K2Config:
     def weight_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.param_dtype)
 
+    @property
+    def sampled_placeholder_ids(self) -> tuple[int, ...]:
+        """A text model has no media placeholders to keep out of samples (see K25Config's)."""
+        return ()
+
     def replace(self, **kw: Any) -> K2Config:
         return dataclasses.replace(self, **kw)
 

@@ -364,7 +364,7 @@ class RLStage(TextLMStage):
         """Ids the policy never samples: a K2.5 policy's media placeholders (only the processor inserts them;
         a sampled one could not be replayed through the vision path). The sampler and the loss both renormalise
         over the other ids, so π_old and π_θ are the same distribution."""
-        return self.model_cfg.sampled_placeholder_ids if self.multimodal else ()
+        return self.model_cfg.sampled_placeholder_ids
 
     def _policy_terms(self, out: Any, batch: dict):
         """(loss sum, aux) of Eq. 1 from the decoder's output on this batch."""

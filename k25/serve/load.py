@@ -44,14 +44,11 @@ def load_sampler(path: str, *, max_slots: int, max_len: int, cache_dtype: str = 
     """(Sampler, chat format) serving the checkpoint at `path`. With `suppress_placeholders` a K2.5 model's
     sampler never emits a media placeholder (`K25Config.sampled_placeholder_ids`): an answer holding one would
     come back, in the next turn's history, as an image slot with no image."""
-    import jax.numpy as jnp
-
     from k25.infer import Sampler
 
     model, chat = load_checkpoint(path)
-    # a K2 model has no media placeholders
-    suppress = getattr(model.cfg, "sampled_placeholder_ids", ()) if suppress_placeholders else ()
-    return Sampler(model, max_slots=int(max_slots), max_len=int(max_len), cache_dtype=jnp.dtype(cache_dtype),
+    suppress = model.cfg.sampled_placeholder_ids if suppress_placeholders else ()
+    return Sampler(model, max_slots=int(max_slots), max_len=int(max_len), cache_dtype=cache_dtype,
                    suppress_ids=suppress), chat
 
 
