@@ -6,8 +6,11 @@ For each config (`--configs`, default tiny_lm and moe_25m):
 * `moe_25m`: the ~26M-parameter MoE of the muon bench (`experiments.benchmarks.muon.moe_25m`), 32 x 256 = 8192
   tokens per step;
 * `moe_1b`: the same family at hidden 2048, 26 layers, 16 heads, 16 experts top-4 (1.03B active / 2.92B total
-  parameters), `--big_batch` x `--big_seq_len` = 4 x 2048 tokens per step, layers scanned: the "~1B-active MoE"
-  that an accelerator measures (far too slow for a CPU);
+  parameters), `--big_batch` x `--big_seq_len` = 2 x 2048 tokens per step, layers scanned, attention over
+  `--big_attention_chunk` = 512 query rows at a time, recomputation `--big_remat` (none): the "~1B-active MoE"
+  that an accelerator measures (far too slow for a CPU). Its defaults are sized by `--compile_only` on XLA:CPU
+  to fit an 80 GB chip: 62.5 GB compiled peak; at 4 x 2048 tokens it is 86.8 GB (146 GB with one 2048 x 2048
+  attention block); with `--big_remat=full` it is 50.1 GB at either batch (the activations no longer set it);
 the median seconds of one full jitted `Trainer.step` (MuonClip, as configured) over `--repeats` steps on one fixed
 batch after a compiling warm-up step gives
 
@@ -28,6 +31,14 @@ float32, the CPU figures). `mfu_vs_chip_bf16_peak = model_flops_per_s / chip_bf1
 chip's dense bf16 peak from `--peak_flops` or, when that is 0, the datasheet table in `_chips.py` matched on the
 device kind; it is null where neither gives one (a CPU). `peak_bytes_in_use` is the device allocator's
 high-water mark after the config's steps (cumulative over the configs run before it; null on a CPU).
+
+`--compiled_memory` also compiles each config's step ahead of time from abstract shapes, as
+`experiments.run --dry_run --compile` does, and reports XLA's memory analysis: `compiled_peak_bytes` = arguments +
+temporaries (the plan's `peak_bytes_per_device`, the figure the K2 layout's 80 GB budget is checked with). On an
+accelerator it stands next to the allocator's measured `peak_bytes_in_use`, which tests that method on real
+hardware. `--compile_only` reports only those figures, allocating and timing nothing: how a CPU gets moe_1b's
+compiled figure for the same comparison. A config that runs out of device memory is reported with an `error` and
+the others still run.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from experiments import tiny_lm
 from experiments.benchmarks._chips import bf16_peak_flops
@@ -45,15 +57,18 @@ from experiments.benchmarks._timing import machine, median_seconds
 from experiments.benchmarks.muon import StepTimer, add_model_flags, median_step_seconds, moe_25m, train_config
 from k25.model.config import K2Config
 from k25.model.params import count_params, model_flops_per_token
+from k25.train.loop import plan
 from k25.train.pretrain import model_config
 
 CONFIGS = ("tiny_lm", "moe_25m", "moe_1b")
 DEFAULT_CONFIGS = ("tiny_lm", "moe_25m")
+BATCH_FLAG = {"tiny_lm": "--tiny_batch", "moe_25m": "--batch", "moe_1b": "--big_batch"}
 
 
-def moe_1b() -> K2Config:
+def moe_1b(remat: str = "none", attention_chunk: int = 512) -> K2Config:
     """The ~1B-active MoE: moe_25m's family at hidden 2048, 26 layers (1 dense), 16 heads, 16 experts top-4."""
-    return dataclasses.replace(moe_25m(hidden=2048, layers=26, heads=16, experts=16, topk=4), unroll_layers=False)
+    return dataclasses.replace(moe_25m(hidden=2048, layers=26, heads=16, experts=16, topk=4), unroll_layers=False,
+                               remat=remat, attention_chunk=attention_chunk)
 
 
 def matmul_peak_flops_per_s(n: int, repeats: int, dtype: str = "float32") -> tuple[float, float]:
@@ -71,6 +86,18 @@ def peak_bytes_in_use() -> int | None:
     """The default device allocator's high-water mark, where the backend reports one (not XLA:CPU)."""
     stats = jax.devices()[0].memory_stats()
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def compiled_memory(config) -> dict[str, int | None]:
+    """XLA's memory analysis of the config's train step, compiled from abstract shapes (nothing allocated)."""
+    p = plan(config, compile=True)
+    return {"compiled_peak_bytes": p.get("peak_bytes_per_device"),
+            "compiled_argument_bytes": p.get("argument_bytes_per_device"),
+            "compiled_temp_bytes": p.get("temp_bytes_per_device")}
+
+
+def out_of_memory(e: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
 
 
 def measure(name: str, config, repeats: int, peak: float, chip_peak: float | None) -> dict[str, Any]:
@@ -91,14 +118,33 @@ def measure(name: str, config, repeats: int, peak: float, chip_peak: float | Non
     return out
 
 
+def bench_config(name: str, a: argparse.Namespace) -> ml_collections.ConfigDict:
+    """The run config of one bench config, at the command line's sizes and dtype."""
+    if name == "tiny_lm":
+        c = tiny_lm.get_config()
+        c.batch_size = a.tiny_batch or c.batch_size
+        c.seq_len = a.tiny_seq_len or c.seq_len
+        c.eval_examples, c.eval_at_start, c.progress_bar = 0, False, False
+        c.mesh.devices = 1
+    elif name == "moe_1b":
+        c = train_config(moe_1b(a.big_remat, a.big_attention_chunk), a.big_batch, a.big_seq_len)
+    else:
+        c = train_config(moe_25m(a.hidden, a.layers, a.heads, a.experts, a.topk, a.vocab), a.batch, a.seq_len)
+    c.model.dtype = a.dtype
+    return c
+
+
 def run(argv: list[str]) -> dict:
     p = argparse.ArgumentParser("train")
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated subset of {CONFIGS}")
     add_model_flags(p)  # moe_25m's model and batch
     p.add_argument("--tiny_batch", type=int, default=None, help="tiny_lm batch (default: its config's 16)")
     p.add_argument("--tiny_seq_len", type=int, default=None, help="tiny_lm seq_len (default: its config's 128)")
-    p.add_argument("--big_batch", type=int, default=4, help="moe_1b batch")
+    p.add_argument("--big_batch", type=int, default=2, help="moe_1b batch")
     p.add_argument("--big_seq_len", type=int, default=2048, help="moe_1b seq_len")
+    p.add_argument("--big_remat", default="none", choices=("none", "selective", "full"), help="moe_1b's recomputation")
+    p.add_argument("--big_attention_chunk", type=int, default=512,
+                   help="moe_1b's query rows per attention block (0: one seq_len x seq_len block)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype of every config and of the matmul peak (bfloat16 on an accelerator)")
     p.add_argument("--peak_flops", type=float, default=0.0,
@@ -106,6 +152,10 @@ def run(argv: list[str]) -> dict:
     p.add_argument("--repeats", type=int, default=5, help="timed steps per config (median)")
     p.add_argument("--matmul_n", type=int, default=2048)
     p.add_argument("--matmul_repeats", type=int, default=9)
+    p.add_argument("--compiled_memory", action="store_true",
+                   help="also report each step's compiled memory analysis (compiled_peak_bytes), compiled once more")
+    p.add_argument("--compile_only", action="store_true",
+                   help="report only the compiled memory figures; nothing is allocated or timed")
     a = p.parse_args(argv)
     names = [n for n in a.configs.split(",") if n]
     bad = sorted(set(names) - set(CONFIGS))
@@ -115,6 +165,12 @@ def run(argv: list[str]) -> dict:
         raise SystemExit(f"train bench: --peak_flops must be >= 0 (0 looks the chip up), got {a.peak_flops}")
 
     host = machine()
+    configs = {name: bench_config(name, a) for name in names}
+    if a.compile_only:
+        return {"machine": host, "args": vars(a),
+                **{name: {**count_params(model_config(c)), "batch": c.batch_size, "seq_len": c.seq_len,
+                          "dtype": a.dtype, **compiled_memory(c)} for name, c in configs.items()}}
+
     kind = host["device"]
     chip_peak = a.peak_flops or bf16_peak_flops(kind)
     peak, matmul_s = matmul_peak_flops_per_s(a.matmul_n, a.matmul_repeats, a.dtype)
@@ -123,26 +179,27 @@ def run(argv: list[str]) -> dict:
                            "chip_bf16_peak_flops_per_s": chip_peak,
                            "chip_peak_source": "--peak_flops" if a.peak_flops else
                            (f"datasheet table ({kind})" if chip_peak else None)}
-    for name in names:
-        if name == "tiny_lm":
-            c = tiny_lm.get_config()
-            c.batch_size = a.tiny_batch or c.batch_size
-            c.seq_len = a.tiny_seq_len or c.seq_len
-            c.eval_examples, c.eval_at_start, c.progress_bar = 0, False, False
-            c.mesh.devices = 1
-        elif name == "moe_1b":
-            c = train_config(moe_1b(), a.big_batch, a.big_seq_len)
-        else:
-            c = train_config(moe_25m(a.hidden, a.layers, a.heads, a.experts, a.topk, a.vocab), a.batch, a.seq_len)
-        c.model.dtype = a.dtype
-        out[name] = measure(name, c, a.repeats, peak, chip_peak)
+    for name, c in configs.items():
+        try:
+            out[name] = measure(name, c, a.repeats, peak, chip_peak)
+        except jax.errors.JaxRuntimeError as e:
+            if not out_of_memory(e):
+                raise
+            out[name] = {"error": f"out of device memory ({str(e).splitlines()[0][:300]}); "
+                                  f"try a smaller {BATCH_FLAG[name]}",
+                         "peak_bytes_in_use": peak_bytes_in_use()}
+        if a.compiled_memory:
+            out[name].update(compiled_memory(c))
+    timed = [name for name in names if "error" not in out[name]]
+    if not timed:
+        raise SystemExit(f"train bench: no config fit in device memory: {[out[n]['error'] for n in names]}")
     # measure the peak again after the steps, and keep the faster: a busy machine only ever lowers it
     peak2, matmul_s2 = matmul_peak_flops_per_s(a.matmul_n, a.matmul_repeats, a.dtype)
     if peak2 > peak:
         out.update(matmul_peak_flops_per_s=peak2, matmul_s=matmul_s2)
-        for name in names:
+        for name in timed:
             out[name]["mfu_vs_cpu_matmul_peak"] = out[name]["model_flops_per_s"] / peak2
-    headline = "moe_25m" if "moe_25m" in names else names[0]
+    headline = "moe_25m" if "moe_25m" in timed else timed[0]
     out["headline_config"] = headline
     out["tokens_per_s"] = out[headline]["tokens_per_s"]
     out["mfu_vs_cpu_matmul_peak"] = out[headline]["mfu_vs_cpu_matmul_peak"]

@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from experiments.bench import available
@@ -65,3 +66,33 @@ def test_chip_peaks_and_the_1b_active_moe():
     assert bf16_peak_flops("cpu") is None
     counts = count_params(moe_1b())
     assert 1.0e9 <= counts["active_params"] <= 1.1e9 < counts["total_params"], counts
+
+
+@pytest.mark.slow
+def test_train_bench_compiled_memory_and_a_config_out_of_memory(monkeypatch):
+    """`--compile_only` gives the compiled figures of the step that `--compiled_memory` times; a config that runs
+    out of device memory is reported with an error while the others keep their figures."""
+    from experiments.benchmarks import train
+
+    args = MODEL + ["--configs", "moe_25m,tiny_lm", "--tiny_batch", "2", "--tiny_seq_len", "16"]
+    only = train.run(args + ["--compile_only"])
+    assert "step_s" not in only["moe_25m"] and "matmul_peak_flops_per_s" not in only
+
+    real = train.measure
+
+    def measure(name, *a, **kw):
+        if name == "tiny_lm":
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1 bytes.")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(train, "measure", measure)
+    timed = train.run(args + ["--compiled_memory", "--repeats", "1", "--matmul_n", "128", "--matmul_repeats", "1"])
+    assert "--tiny_batch" in timed["tiny_lm"]["error"] and timed["headline_config"] == "moe_25m"
+    assert timed["moe_25m"]["step_s"] > 0
+    for name in ("moe_25m", "tiny_lm"):
+        keys = ("compiled_peak_bytes", "compiled_argument_bytes", "compiled_temp_bytes")
+        assert {k: timed[name][k] for k in keys} == {k: only[name][k] for k in keys}, name
+        m = only[name]
+        # the donated state is an argument: at least the f32 parameters and their momentum
+        assert m["compiled_peak_bytes"] == m["compiled_argument_bytes"] + m["compiled_temp_bytes"]
+        assert m["compiled_argument_bytes"] >= 4 * 2 * m["total_params"], m
