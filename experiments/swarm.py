@@ -86,7 +86,7 @@ def parl_config(lambda1: float = 0.3, lambda2: float = 0.3) -> ml_collections.Co
     c.parl.reward.anneal_steps = 20
     c.parl.reward.parallel_target = 4
     c.total_steps = 30
-    c.log_every, c.eval_every, c.checkpoint_every = 2, 5, 10
+    c.log_every, c.eval_every, c.checkpoint_every = 2, 10, 10
     c.eval_examples = 12  # held-out tasks (x 3 budgets)
     c.eval_at_start = True
     c.optim.lr = 3e-3

@@ -158,10 +158,30 @@ def run_summary(config: ml_collections.ConfigDict, t: Trainer, state: TrainState
             f"  writing {workdir}/: metrics.jsonl, TensorBoard events, checkpoints/, log.txt")
 
 
+def check_loop_config(config: ml_collections.ConfigDict) -> None:
+    """The loop's own counters, checked before anything is built: a ValueError naming the field and the fix."""
+    rules = {"total_steps": (0, "the number of optimizer steps (0: none; eval_at_start still evaluates)"),
+             "log_every": (1, "steps between metrics records"),
+             "eval_every": (0, "steps between evaluations; 0 evaluates only at the end"),
+             "checkpoint_every": (0, "steps between checkpoints; 0 saves only at the end or when stopped"),
+             "keep_checkpoints": (1, "checkpoints kept on disk"),
+             "max_nonfinite_steps": (1, "consecutive non-finite steps tolerated before stopping")}
+    for name, (low, what) in rules.items():
+        value = config.get(name)
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"config.{name}={value!r}: {what}; set --config.{name} to an integer >= {low}.")
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    """`every` > 0: each multiple of it; 0: only at `last` (which every cadence also includes)."""
+    return step == last or (every > 0 and step % every == 0)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
           announce: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train (or resume) to `config.total_steps`; `stop_after` ends early after that many steps (tests).
     `announce` receives a short summary of the run before the first step (the CLI prints it)."""
+    check_loop_config(config)
     t = Trainer(config, workdir)
     t.check_backend()
     ckpt = Checkpointer(workdir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpoints)
@@ -214,7 +234,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                         f"{streak} consecutive steps had a non-finite loss or gradient (max_nonfinite_steps="
                         f"{config.max_nonfinite_steps}); stopping. The last checkpoint in {ckpt.directory} holds "
                         "the last good state: lower config.optim.lr or check the data.")
-                if step % config.log_every == 0 or step == end:
+                evaluate = bool(config.eval_examples) and _due(step, config.eval_every, config.total_steps)
+                if evaluate or _due(step, config.log_every, end):
                     jax.block_until_ready(metrics)
                     elapsed = time.perf_counter() - interval_start
                     metrics = dict(metrics, tokens_per_s=tokens_per_step * interval_steps / elapsed,
@@ -222,8 +243,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                     if hasattr(data, "host_metrics"):  # counters the stage's iterator keeps (and checkpoints)
                         metrics.update(data.host_metrics())
                     interval_start, interval_steps = time.perf_counter(), 0
-                    if config.eval_examples and ((config.eval_every and step % config.eval_every == 0)
-                                                 or step == config.total_steps):
+                    if evaluate:
                         evals = t.stage.evaluate(t.model(state))
                         metrics.update(evals)
                         last_eval = {**{k: v for k, v in last_eval.items() if k.endswith("@init")}, **evals}
@@ -231,7 +251,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                                     tok_s=f"{float(metrics['tokens_per_s']):.0f}")
                     if writer is not None:
                         writer.write(step, metrics)
-                if step % config.checkpoint_every == 0 or step == config.total_steps:
+                if _due(step, config.checkpoint_every, config.total_steps):
                     save(step)
                 if stop.signum is not None:
                     logging.warning("signal %d: saving a checkpoint at step %d and exiting", stop.signum, step)

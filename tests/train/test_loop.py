@@ -116,3 +116,22 @@ def test_unknown_config_field_fails_at_start(tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode != 0 and "lrr" in r.stderr
+
+
+def test_eval_and_checkpoint_cadences_need_not_follow_the_log_cadence(tmp_path):
+    """eval_every = 3 with log_every = 2 evaluates at 3 and 6 (each eval writes a record); checkpoint_every = 0
+    saves only at the end."""
+    c = small_config(log_every=2, eval_every=3, checkpoint_every=0, eval_examples=2, eval_at_start=False)
+    loop.train(c, str(tmp_path))
+    records = read_metrics(tmp_path)
+    assert [m["step"] for m in records] == [2, 3, 4, 6]
+    assert [m["step"] for m in records if any(k.startswith("eval/") for k in m)] == [3, 6]
+    assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [6]
+
+
+@pytest.mark.parametrize("field,value", [("log_every", 0), ("checkpoint_every", -1), ("eval_every", -5),
+                                         ("total_steps", -1), ("keep_checkpoints", 0)])
+def test_loop_counters_are_checked_before_anything_is_built(tmp_path, field, value):
+    with pytest.raises(ValueError, match=rf"config\.{field}={value}: .* --config\.{field} to an integer"):
+        loop.train(small_config(**{field: value}), str(tmp_path))
+    assert not os.listdir(tmp_path)
