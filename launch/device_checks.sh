@@ -12,6 +12,8 @@
 set -euo pipefail
 out=${1:?output directory}; shift
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."  # the checkout's root: experiments/ and tests/ are run from here
 py=${PYTHON:-python}
 # jax on a GPU takes 75% of the memory by default; moe_1b's compiled peak is 62.5 GB on XLA:CPU
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
