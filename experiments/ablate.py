@@ -3,9 +3,11 @@
     python -m experiments.ablate early_fusion --seeds 3 --workdir=/tmp/ef [--variant=smoke] [--set=FIELD=VALUE]
 
 NAME is an experiment module (experiments/NAME.py) that defines `ARMS` (its config ARGs), `COLUMNS`
-((metric key, title) of each table column, scored at the end of a run), `CURVES` ({panel: (sum key, count
-key)} of per-modality loss curves from metrics.jsonl) and optionally `EXTRA_COLUMNS` (a second table of the
-same shape, e.g. a finer-grained score) and `REPORT_TABLE1` (the published row of each arm). Each run is
+((metric key, title) of each table column, scored at the end of a run and shown in percent; a third element
+replaces that factor of 100, e.g. 1.0 for a loss), `CURVES` ({panel: (sum key, count key)} of per-modality
+loss curves from metrics.jsonl; a count key of None plots the sum key's value as it is) and optionally
+`EXTRA_COLUMNS` (a second table of the same shape, e.g. a finer-grained score) and `REPORT_TABLE1` (the
+published row of each arm). Each run is
 `python -m experiments.run --config=experiments/NAME.py:ARM[,VARIANT]
 --workdir=DIR/ARM/seed_S --config.seed=S` in its own process; a finished run (its final metrics record
 holds the evals) is skipped and an unfinished one resumes from its checkpoint, so the command can be
@@ -43,14 +45,14 @@ def read_records(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def finished(path: str, columns: list[tuple[str, str]]) -> bool:
+def finished(path: str, columns: list[tuple]) -> bool:
     """The run reached its config's total_steps and logged the table's metrics there."""
     config = os.path.join(path, "config.json")
     if not os.path.exists(config):
         return False
     with open(config) as f:
         total = json.load(f)["total_steps"]
-    return any(r["step"] == total and all(k in r for k, _ in columns) for r in read_records(path))
+    return any(r["step"] == total and all(c[0] in r for c in columns) for r in read_records(path))
 
 
 def run_all(name: str, seeds: int, workdir: str, variant: str = "", overrides: tuple[str, ...] = (),
@@ -75,7 +77,13 @@ def run_all(name: str, seeds: int, workdir: str, variant: str = "", overrides: t
     return ran
 
 
-def _mean_sem(values: list[float]) -> tuple[float, float]:
+def _scale(column: tuple) -> float:
+    """A column's factor: percent (100) unless the column gives its own third element."""
+    return float(column[2]) if len(column) > 2 else 100.0
+
+
+def mean_sem(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 for a single value)."""
     n = len(values)
     mean = sum(values) / n
     if n < 2:
@@ -86,7 +94,7 @@ def _mean_sem(values: list[float]) -> tuple[float, float]:
 
 def summarize(name: str, workdir: str) -> dict[str, Any]:
     """{arm: {column key: {mean, sem, values}, "tokens/text": [...], "tokens/vision": [...], "seeds": n}} over
-    the finished runs under `workdir`, in percent for the columns (the report's unit)."""
+    the finished runs under `workdir`, the columns in percent (the report's unit) unless they give a factor."""
     module = importlib.import_module(f"experiments.{name}")
     out: dict[str, Any] = {}
     for arm in module.ARMS:
@@ -100,9 +108,10 @@ def summarize(name: str, workdir: str) -> dict[str, Any]:
         if not finals:
             continue
         row: dict[str, Any] = {"seeds": len(finals)}
-        for key, _ in [*module.COLUMNS, *getattr(module, "EXTRA_COLUMNS", [])]:
-            values = [100.0 * r[key] for r in finals]
-            mean, sem = _mean_sem(values)
+        for column in [*module.COLUMNS, *getattr(module, "EXTRA_COLUMNS", [])]:
+            key = column[0]
+            values = [_scale(column) * r[key] for r in finals]
+            mean, sem = mean_sem(values)
             row[key] = {"mean": mean, "sem": sem, "values": values}
         for key in ("tokens/text", "tokens/vision"):
             row[key] = [r.get(key) for r in finals]
@@ -119,38 +128,51 @@ def ranking(summary: dict[str, Any], key: str) -> str:
     return " ".join(out)
 
 
-def _rows(summary: dict[str, Any], columns: list[tuple[str, str]]) -> list[str]:
-    head = "| arm | " + " | ".join(t for _, t in columns) + " | tokens text / vision |"
-    lines = [head, "|" + "---|" * (len(columns) + 2)]
+def _has_tokens(summary: dict[str, Any]) -> bool:
+    """Whether the runs count text and vision tokens (the joint stage does, the text-only stages do not)."""
+    return any(row["tokens/text"][0] is not None for row in summary.values())
+
+
+def _cell(row: dict[str, Any], column: tuple) -> str:
+    digits = 1 if _scale(column) == 100.0 else 4  # percent to 0.1; other units (losses) to 4 places
+    return f"{row[column[0]]['mean']:.{digits}f} ± {row[column[0]]['sem']:.{digits}f}"
+
+
+def _rows(summary: dict[str, Any], columns: list[tuple]) -> list[str]:
+    tokens = _has_tokens(summary)
+    head = "| arm | " + " | ".join(c[1] for c in columns) + (" | tokens text / vision |" if tokens else " |")
+    lines = [head, "|" + "---|" * (len(columns) + 1 + tokens)]
     for arm, row in summary.items():
-        cells = [f"{row[k]['mean']:.1f} ± {row[k]['sem']:.1f}" for k, _ in columns]
-        tokens = f"{row['tokens/text'][0]:,} / {row['tokens/vision'][0]:,}"
-        lines.append(f"| {arm} (n={row['seeds']}) | " + " | ".join(cells) + f" | {tokens} |")
+        cells = [_cell(row, c) for c in columns]
+        counts = f" {row['tokens/text'][0]:,} / {row['tokens/vision'][0]:,} |" if tokens else ""
+        lines.append(f"| {arm} (n={row['seeds']}) | " + " | ".join(cells) + " |" + counts)
     return lines
 
 
 def table_markdown(name: str, summary: dict[str, Any]) -> str:
     module = importlib.import_module(f"experiments.{name}")
-    head = "| arm | " + " | ".join(t for _, t in module.COLUMNS) + " | tokens text / vision |"
+    head = "| arm | " + " | ".join(c[1] for c in module.COLUMNS) + " |"
     lines = _rows(summary, module.COLUMNS)
     extra = getattr(module, "EXTRA_COLUMNS", [])
     if extra:
         lines += ["", getattr(module, "EXTRA_TITLE", "Extra columns:"), "", *_rows(summary, extra)]
     report = getattr(module, "REPORT_TABLE1", {})
     if report:
-        lines += ["", "The report's Table 1:", "", head.replace(" tokens text / vision |", ""),
+        lines += ["", "The report's Table 1:", "", head,
                   "|" + "---|" * (len(module.COLUMNS) + 1)]
         for arm, values in report.items():
             lines.append(f"| {arm} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
     if summary:
-        lines += ["", "Ranking per column (measured; report):", ""]
-        for i, (key, title) in enumerate(module.COLUMNS):
+        lines += ["", "Ranking per column (measured; report):" if report else "Ranking per column:", ""]
+        for i, (key, title, *_) in enumerate(module.COLUMNS):
+            if _scale(module.COLUMNS[i]) != 100.0:
+                continue  # scores (percent, higher is better) are ranked; a loss or other unit is not
             theirs = ""
             if report:
                 theirs = " > ".join(sorted(report, key=lambda a: -report[a][i]))
             by_extra = f" (by {extra[i][1]}: {ranking(summary, extra[i][0])})" if len(extra) == len(module.COLUMNS) \
                 else ""
-            lines.append(f"- {title}: {ranking(summary, key)}{by_extra}; report: {theirs}")
+            lines.append(f"- {title}: {ranking(summary, key)}{by_extra}" + (f"; report: {theirs}" if report else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -165,7 +187,9 @@ def curves(name: str, workdir: str) -> dict[str, dict[str, tuple[list[int], list
             arm_dir = os.path.join(workdir, arm)
             for d in sorted(os.listdir(arm_dir)) if os.path.isdir(arm_dir) else []:
                 for r in read_records(os.path.join(arm_dir, d)):
-                    if r.get(count_key):
+                    if count_key is None and sum_key in r:
+                        per_step.setdefault(r["step"], []).append(r[sum_key])
+                    elif count_key is not None and r.get(count_key):
                         per_step.setdefault(r["step"], []).append(r[sum_key] / r[count_key])
             steps = sorted(per_step)
             if steps:
@@ -192,11 +216,16 @@ def plot_curves(data: dict[str, dict[str, tuple[list[int], list[float]]]], path:
 
 
 def write_outputs(name: str, workdir: str) -> dict[str, Any]:
+    """table.json, table.md (with the module's own `table_notes(workdir)` markdown after it, if it has one) and
+    curves.png."""
     summary = summarize(name, workdir)
     with open(os.path.join(workdir, "table.json"), "w") as f:
         json.dump(summary, f, indent=1)
+    notes = getattr(importlib.import_module(f"experiments.{name}"), "table_notes", None)
     with open(os.path.join(workdir, "table.md"), "w") as f:
         f.write(table_markdown(name, summary))
+        if notes is not None and summary:
+            f.write("\n" + notes(workdir))
     import matplotlib.pyplot as plt
 
     plt.close(plot_curves(curves(name, workdir), os.path.join(workdir, "curves.png")))  # saved, not shown
