@@ -26,12 +26,6 @@ from typing import Any
 
 from absl import app, flags
 
-_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per arm (0 .. seeds-1).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Ablation directory: one run per DIR/ARM/seed_S, the table and plots.")
-_VARIANT = flags.DEFINE_string("variant", "", "Appended to each arm's config ARG (e.g. 'smoke').")
-_SET = flags.DEFINE_multi_string("set", [], "FIELD=VALUE config overrides passed to every run (--config.FIELD).")
-_ARMS = flags.DEFINE_list("arms", [], "Only these arms (default: all of the module's ARMS).")
-
 
 def run_dir(workdir: str, arm: str, seed: int) -> str:
     return os.path.join(workdir, arm, f"seed_{seed}")
@@ -232,17 +226,29 @@ def write_outputs(name: str, workdir: str) -> dict[str, Any]:
     return summary
 
 
+def define_flags() -> None:
+    """The command line's flags, defined only when this file runs as a program: experiment modules import it for
+    its helpers inside other programs (`experiments.run`), whose flags would clash with these."""
+    flags.DEFINE_integer("seeds", 3, "Seeds per arm (0 .. seeds-1).")
+    flags.DEFINE_string("workdir", None, "Ablation directory: one run per DIR/ARM/seed_S, the table and plots.")
+    flags.DEFINE_string("variant", "", "Appended to each arm's config ARG (e.g. 'smoke').")
+    flags.DEFINE_multi_string("set", [], "FIELD=VALUE config overrides passed to every run (--config.FIELD).")
+    flags.DEFINE_list("arms", [], "Only these arms (default: all of the module's ARMS).")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         raise app.UsageError("usage: python -m experiments.ablate NAME --seeds N --workdir DIR")
-    if not _WORKDIR.value:
+    f = flags.FLAGS
+    if not f.workdir:
         raise app.UsageError("--workdir is required")
     name = argv[1]
-    run_all(name, _SEEDS.value, _WORKDIR.value, _VARIANT.value, tuple(_SET.value), tuple(_ARMS.value))
-    write_outputs(name, _WORKDIR.value)
-    with open(os.path.join(_WORKDIR.value, "table.md")) as f:
-        print(f.read())
+    run_all(name, f.seeds, f.workdir, f.variant, tuple(f.set), tuple(f.arms))
+    write_outputs(name, f.workdir)
+    with open(os.path.join(f.workdir, "table.md")) as table:
+        print(table.read())
 
 
 if __name__ == "__main__":
+    define_flags()
     sys.exit(app.run(main))
