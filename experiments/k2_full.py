@@ -2,9 +2,10 @@
 
     python -m experiments.run --config=experiments/k2_full.py --workdir=DIR --dry_run
 builds the run abstractly (no weights allocated), lowers one training step and writes DIR/plan.json.
-ARG: "" (bf16 compute over f32 parameters, 4096 context, one device's mesh) or "layout": the published
+ARG: "" (bf16 compute over f32 parameters, 4096 context, one device's mesh), "layout": the published
 training layout of the report's appendix C on 512 devices: 16-way pipeline with virtual stages under
-interleaved 1F1B, 16-way expert parallelism, 2-way ZeRO-1 data parallelism. Plan it on one CPU host with
+interleaved 1F1B, 16-way expert parallelism, 2-way ZeRO-1 data parallelism, or "stage": that layout's pipeline
+stage at reduced depth on one 8-accelerator host (see `STAGE`). Plan the layout on one CPU host with
 emulated devices:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=512 JAX_PLATFORMS=cpu \
@@ -27,10 +28,19 @@ from experiments.common import base_config, model_config_dict
 from k25.data.pipeline import default_data_config
 from k25.model.config import k2_full
 
+# "stage": what one device of the layout holds and runs for its pipeline stage, on 8 devices (pp2 x dp2 x ep2)
+# instead of 512, so an accelerator host can measure a stage's real peak memory next to XLA's compiled figure.
+# Kept per device as in the layout: full-width layers, 24 routed experts per ep rank (48 = 24 x ep2, top-8),
+# one MoE layer per pipeline chunk with v = 3 (so a stage's chunks hold the layout's 3 x 24 experts), ZeRO-1
+# over dp = 2, 4096-token sequences, one per data rank per microbatch, every memory setting of the layout.
+# Reduced: depth 8 (the dense layer, 1 MoE layer before the pipeline instead of 12, 6 in it instead of 48),
+# 4 microbatches and 2 accumulation steps instead of 16 and 32, and 2 stages, so fewer 1F1B slots are in flight.
+STAGE = dict(pp=2, dp=2, ep=2, layers=8, experts=48, microbatches=4, accum_steps=2)
+
 
 def get_config(arg: str | None = None):
-    if arg not in (None, "", "layout"):
-        raise ValueError(f"k2_full: unknown ARG {arg!r}; use '' or 'layout'.")
+    if arg not in (None, "", "layout", "stage"):
+        raise ValueError(f"k2_full: unknown ARG {arg!r}; use '', 'layout' or 'stage'.")
     c = base_config()
     c.model = model_config_dict(k2_full())  # dtype bfloat16, param_dtype float32
     c.data = default_data_config()
@@ -43,7 +53,7 @@ def get_config(arg: str | None = None):
     c.optim.warmup_steps = 500
     c.optim.qk_clip_tau = 100.0
     c.eval_examples = 0
-    if arg == "layout":
+    if arg in ("layout", "stage"):
         c.mesh.update(pp=16, dp=2, ep=16)
         c.pipeline.update(virtual_stages=3, microbatches=16, schedule="1f1b")
         c.optim.accum_steps = 32
@@ -73,4 +83,9 @@ def get_config(arg: str | None = None):
         # query blocks of 512 rows: the backward recomputes each block's scores instead of keeping
         # (64, 4096, 4096) float32 logits per sequence per layer
         c.model.attention_chunk = 512
+    if arg == "stage":
+        c.mesh.update(pp=STAGE["pp"], dp=STAGE["dp"], ep=STAGE["ep"])
+        c.model.num_hidden_layers, c.model.n_routed_experts = STAGE["layers"], STAGE["experts"]
+        c.pipeline.microbatches, c.optim.accum_steps = STAGE["microbatches"], STAGE["accum_steps"]
+        c.batch_size = STAGE["microbatches"] * STAGE["accum_steps"] * STAGE["dp"] * STAGE["ep"]
     return c

@@ -11,14 +11,20 @@ For each config (`--configs`, default tiny_lm and moe_25m):
   that an accelerator measures (far too slow for a CPU). Its defaults are sized by `--compile_only` on XLA:CPU
   to fit an 80 GB chip: 62.5 GB compiled peak; at 4 x 2048 tokens it is 86.8 GB (146 GB with one 2048 x 2048
   attention block); with `--big_remat=full` it is 50.1 GB at either batch (the activations no longer set it);
+* `k2_stage`: one pipeline stage of the K2 layout at reduced depth (experiments/k2_full.py:stage: full-width
+  layers, 24 experts per ep rank, every memory setting of the layout) on 8 devices, pp2 x dp2 x ep2, 32 x 4096
+  tokens per step: what an 8-accelerator host measures to check the layout's compiled memory figures against
+  a real allocator (on a CPU only with `--compile_only` and 8 emulated devices:
+  `XLA_FLAGS=--xla_force_host_platform_device_count=8`);
 the median seconds of one full jitted `Trainer.step` (MuonClip, as configured) over `--repeats` steps on one fixed
 batch after a compiling warm-up step gives
 
     tokens_per_s = batch * seq_len / step_s
     model_flops_per_s = batch * seq_len * model_flops_per_token(cfg, seq_len) / step_s
-    mfu_vs_cpu_matmul_peak = model_flops_per_s / matmul_peak_flops_per_s
+    mfu_vs_cpu_matmul_peak = model_flops_per_s / (devices * matmul_peak_flops_per_s)
 
-with model_flops_per_token = 6 * (active_params - vocab * hidden) + 6 * L * H * (qk_head_dim + v_head_dim) * seq_len
+(`devices`: the config's mesh, 8 for k2_stage, else 1) with
+model_flops_per_token = 6 * (active_params - vocab * hidden) + 6 * L * H * (qk_head_dim + v_head_dim) * seq_len
 (`k25.model.params.model_flops_per_token`: 6 FLOPs per activated matmul weight per token for forward + backward,
 the embedding lookup excluded, plus the score and value matmuls of attention over the full seq_len^2; the
 optimizer's own work, including Newton-Schulz, is not model FLOPs). The peak is measured in the same run: the
@@ -27,10 +33,11 @@ default device (the key keeps its CPU name). The headline `tokens_per_s` / `mfu_
 moe_25m's (target MFU >= 0.3 on the CPU); every config's figures are under its name.
 
 On an accelerator run `--dtype=bfloat16` (compute in bf16 over float32 parameters, as k2_full does; default
-float32, the CPU figures). `mfu_vs_chip_bf16_peak = model_flops_per_s / chip_bf16_peak_flops_per_s` uses the
+float32, the CPU figures). `mfu_vs_chip_bf16_peak = model_flops_per_s / (devices * chip_bf16_peak_flops_per_s)` uses the
 chip's dense bf16 peak from `--peak_flops` or, when that is 0, the datasheet table in `_chips.py` matched on the
 device kind; it is null where neither gives one (a CPU). `peak_bytes_in_use` is the device allocator's
-high-water mark after the config's steps (cumulative over the configs run before it; null on a CPU).
+high-water mark after the config's steps, the largest over the local devices (cumulative over the configs run
+before it; null on a CPU).
 
 `--compiled_memory` also compiles each config's step ahead of time from abstract shapes, as
 `experiments.run --dry_run --compile` does, and reports XLA's memory analysis: `compiled_peak_bytes` = arguments +
@@ -51,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from experiments import tiny_lm
+from experiments import k2_full, tiny_lm
 from experiments.benchmarks._chips import bf16_peak_flops
 from experiments.benchmarks._timing import machine, median_seconds
 from experiments.benchmarks.muon import StepTimer, add_model_flags, median_step_seconds, moe_25m, train_config
@@ -60,9 +67,12 @@ from k25.model.params import count_params, model_flops_per_token
 from k25.train.loop import plan
 from k25.train.pretrain import model_config
 
-CONFIGS = ("tiny_lm", "moe_25m", "moe_1b")
+CONFIGS = ("tiny_lm", "moe_25m", "moe_1b", "k2_stage")
 DEFAULT_CONFIGS = ("tiny_lm", "moe_25m")
-BATCH_FLAG = {"tiny_lm": "--tiny_batch", "moe_25m": "--batch", "moe_1b": "--big_batch"}
+# what to change when a config runs out of device memory
+OOM_HINT = {"tiny_lm": "try a smaller --tiny_batch", "moe_25m": "try a smaller --batch",
+            "moe_1b": "try a smaller --big_batch or --big_remat=full",
+            "k2_stage": "it needs devices with more memory, or a smaller STAGE in experiments/k2_full.py"}
 
 
 def moe_1b(remat: str = "none", attention_chunk: int = 512) -> K2Config:
@@ -83,9 +93,15 @@ def matmul_peak_flops_per_s(n: int, repeats: int, dtype: str = "float32") -> tup
 
 
 def peak_bytes_in_use() -> int | None:
-    """The default device allocator's high-water mark, where the backend reports one (not XLA:CPU)."""
-    stats = jax.devices()[0].memory_stats()
-    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+    """The largest allocator high-water mark over the local devices, where the backend reports one (not XLA:CPU)."""
+    peaks = [s["peak_bytes_in_use"] for s in (d.memory_stats() for d in jax.local_devices())
+             if s and "peak_bytes_in_use" in s]
+    return int(max(peaks)) if peaks else None
+
+
+def devices_of(config) -> int:
+    """The devices a config's mesh spans (pp x dp x ep)."""
+    return int(config.mesh.pp * config.mesh.dp * config.mesh.ep)
 
 
 def compiled_memory(config) -> dict[str, int | None]:
@@ -107,11 +123,12 @@ def measure(name: str, config, repeats: int, peak: float, chip_peak: float | Non
     tokens = config.batch_size * config.seq_len
     per_token = model_flops_per_token(cfg, config.seq_len)
     flops_per_s = tokens * per_token / step_s
+    n = devices_of(config)
     out = {**count_params(cfg), "batch": config.batch_size, "seq_len": config.seq_len, "dtype": cfg.dtype,
-           "tokens_per_step": tokens, "optimizer": config.optim.name, "step_s": step_s,
+           "devices": n, "tokens_per_step": tokens, "optimizer": config.optim.name, "step_s": step_s,
            "tokens_per_s": tokens / step_s, "model_flops_per_token": per_token,
-           "model_flops_per_s": flops_per_s, "mfu_vs_cpu_matmul_peak": flops_per_s / peak,
-           "mfu_vs_chip_bf16_peak": flops_per_s / chip_peak if chip_peak else None,
+           "model_flops_per_s": flops_per_s, "mfu_vs_cpu_matmul_peak": flops_per_s / (n * peak),
+           "mfu_vs_chip_bf16_peak": flops_per_s / (n * chip_peak) if chip_peak else None,
            "loss": float(timer.metrics["loss"])}
     del timer  # free this config's state before the next one's
     out["peak_bytes_in_use"] = peak_bytes_in_use()
@@ -128,13 +145,16 @@ def bench_config(name: str, a: argparse.Namespace) -> ml_collections.ConfigDict:
         c.mesh.devices = 1
     elif name == "moe_1b":
         c = train_config(moe_1b(a.big_remat, a.big_attention_chunk), a.big_batch, a.big_seq_len)
+    elif name == "k2_stage":
+        c = k2_full.get_config("stage")
+        c.progress_bar = False
     else:
         c = train_config(moe_25m(a.hidden, a.layers, a.heads, a.experts, a.topk, a.vocab), a.batch, a.seq_len)
     c.model.dtype = a.dtype
     return c
 
 
-def run(argv: list[str]) -> dict:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser("train")
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated subset of {CONFIGS}")
     add_model_flags(p)  # moe_25m's model and batch
@@ -156,7 +176,11 @@ def run(argv: list[str]) -> dict:
                    help="also report each step's compiled memory analysis (compiled_peak_bytes), compiled once more")
     p.add_argument("--compile_only", action="store_true",
                    help="report only the compiled memory figures; nothing is allocated or timed")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def run(argv: list[str]) -> dict:
+    a = parse_args(argv)
     names = [n for n in a.configs.split(",") if n]
     bad = sorted(set(names) - set(CONFIGS))
     if bad:
@@ -166,6 +190,11 @@ def run(argv: list[str]) -> dict:
 
     host = machine()
     configs = {name: bench_config(name, a) for name in names}
+    short = {name: devices_of(c) for name, c in configs.items() if devices_of(c) > jax.device_count()}
+    if short:
+        raise SystemExit(f"train bench: {short} need that many devices (their mesh), jax sees {jax.device_count()}; "
+                         "on a CPU emulate them with XLA_FLAGS=--xla_force_host_platform_device_count=N "
+                         "(compiled figures only: add --compile_only)")
     if a.compile_only:
         return {"machine": host, "args": vars(a),
                 **{name: {**count_params(model_config(c)), "batch": c.batch_size, "seq_len": c.seq_len,
@@ -185,8 +214,7 @@ def run(argv: list[str]) -> dict:
         except jax.errors.JaxRuntimeError as e:
             if not out_of_memory(e):
                 raise
-            out[name] = {"error": f"out of device memory ({str(e).splitlines()[0][:300]}); "
-                                  f"try a smaller {BATCH_FLAG[name]}",
+            out[name] = {"error": f"out of device memory ({str(e).splitlines()[0][:300]}); {OOM_HINT[name]}",
                          "peak_bytes_in_use": peak_bytes_in_use()}
         if a.compiled_memory:
             out[name].update(compiled_memory(c))
@@ -198,7 +226,7 @@ def run(argv: list[str]) -> dict:
     if peak2 > peak:
         out.update(matmul_peak_flops_per_s=peak2, matmul_s=matmul_s2)
         for name in timed:
-            out[name]["mfu_vs_cpu_matmul_peak"] = out[name]["model_flops_per_s"] / peak2
+            out[name]["mfu_vs_cpu_matmul_peak"] = out[name]["model_flops_per_s"] / (out[name]["devices"] * peak2)
     headline = "moe_25m" if "moe_25m" in timed else timed[0]
     out["headline_config"] = headline
     out["tokens_per_s"] = out[headline]["tokens_per_s"]

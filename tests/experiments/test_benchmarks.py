@@ -96,3 +96,32 @@ def test_train_bench_compiled_memory_and_a_config_out_of_memory(monkeypatch):
         # the donated state is an argument: at least the f32 parameters and their momentum
         assert m["compiled_peak_bytes"] == m["compiled_argument_bytes"] + m["compiled_temp_bytes"]
         assert m["compiled_argument_bytes"] >= 4 * 2 * m["total_params"], m
+
+
+def test_k2_stage_is_one_layout_stage_at_reduced_depth(monkeypatch):
+    """`--configs=k2_stage` is experiments/k2_full.py:stage: the layout's memory settings and per-device shapes
+    (24 experts per ep rank, one MoE layer per chunk, 4096-token sequences, one per data rank and microbatch) on 8
+    devices; with fewer devices the bench stops before building anything and says how to emulate them."""
+    from experiments import k2_full
+    from experiments.benchmarks import train
+
+    args = ["--configs", "k2_stage", "--compile_only", "--dtype", "bfloat16"]
+    c = train.bench_config("k2_stage", train.parse_args(args))
+    layout = k2_full.get_config("layout")
+    assert train.devices_of(c) == 8 and train.devices_of(layout) == 512
+    assert c.model.n_routed_experts // c.mesh.ep == layout.model.n_routed_experts // layout.mesh.ep == 24
+    chunks = c.mesh.pp * c.pipeline.virtual_stages
+    assert c.model.num_hidden_layers - c.model.first_k_dense_replace - chunks >= 1  # MoE layers before the pipeline
+    assert layout.model.num_hidden_layers - 1 - layout.mesh.pp * layout.pipeline.virtual_stages == 12
+    data_ranks = c.mesh.dp * c.mesh.ep
+    assert c.batch_size == data_ranks * c.pipeline.microbatches * c.optim.accum_steps and c.seq_len == 4096
+    for field in ("fp8_activations", "remat_offload", "shard_vocab", "remat", "attention_chunk",
+                  "ep_capacity_factor", "dtype"):
+        assert c.model[field] == layout.model[field], field
+    assert c.optim.muon_mu_dtype == layout.optim.muon_mu_dtype and c.pipeline.head_chunks == 4
+    assert train.devices_of(train.bench_config("moe_25m", train.parse_args([]))) == 1
+
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    with pytest.raises(SystemExit, match=r"\{'k2_stage': 8\} need that many devices.*device_count=N"):
+        train.run(args)
+
