@@ -59,12 +59,18 @@ def late_loss(path: str) -> float:
     return sum(late) / len(late)
 
 
+def final_exact(path: str) -> float:
+    """The run's final mean exact match (a fraction), from its last record that has one."""
+    return [r for r in ablate.read_records(path) if "eval/mean_exact" in r][-1]["eval/mean_exact"]
+
+
 def paired_gaps(workdir: str) -> dict[str, dict[str, object]]:
-    """{arm: {late_loss: [per seed], gap: [late loss minus BASE's at the same seed]}} over finished runs."""
+    """{arm: {late_loss: [per seed], gap: [late loss minus BASE's at the same seed], exact_gap: [mean exact
+    match minus BASE's at the same seed, in points]}} over finished runs."""
     out: dict[str, dict[str, object]] = {}
     for arm in ARMS:
         seeds = sorted(os.listdir(os.path.join(workdir, arm))) if os.path.isdir(os.path.join(workdir, arm)) else []
-        losses, gaps = [], []
+        losses, gaps, exact_gaps = [], [], []
         for seed in seeds:
             path, base = os.path.join(workdir, arm, seed), os.path.join(workdir, BASE, seed)
             if not ablate.finished(path, COLUMNS):
@@ -72,8 +78,9 @@ def paired_gaps(workdir: str) -> dict[str, dict[str, object]]:
             losses.append(late_loss(path))
             if ablate.finished(base, COLUMNS):
                 gaps.append(losses[-1] - late_loss(base))
+                exact_gaps.append(100 * (final_exact(path) - final_exact(base)))
         if losses:
-            out[arm] = {"late_loss": losses, "gap": gaps}
+            out[arm] = {"late_loss": losses, "gap": gaps, "exact_gap": exact_gaps}
     return out
 
 
@@ -84,11 +91,15 @@ def table_notes(workdir: str) -> str:
     sd = statistics.stdev(spread) if len(spread) > 1 else float("nan")
     lines = [f"Late train loss (mean over the last {LATE_FRACTION:.0%} of the steps) and its gap to the {BASE} arm "
              f"at the same seed (same batches); seed-to-seed standard deviation of the {BASE} arm: {sd:.4f}.", "",
-             "| arm | late loss | gap to " + BASE + " (same seed) | per-seed gaps |", "|---|---|---|---|"]
+             "| arm | late loss | gap to " + BASE + " (same seed) | per-seed gaps | mean exact match gap (points) |",
+             "|---|---|---|---|---|"]
     for arm, row in data.items():
         loss_mean, loss_sem = ablate.mean_sem(row["late_loss"])
         gaps = row["gap"]
         gap = "{:+.4f} ± {:.4f}".format(*ablate.mean_sem(gaps)) if gaps else "-"
+        exact = row["exact_gap"]
+        exact_cell = ("{:+.1f} ± {:.1f} (".format(*ablate.mean_sem(exact)) + ", ".join(f"{g:+.1f}" for g in exact)
+                      + ")") if exact else "-"
         lines.append(f"| {arm} (n={len(row['late_loss'])}) | {loss_mean:.4f} ± {loss_sem:.4f} | {gap} | "
-                     + ", ".join(f"{g:+.4f}" for g in gaps) + " |")
+                     + ", ".join(f"{g:+.4f}" for g in gaps) + f" | {exact_cell} |")
     return "\n".join(lines) + "\n"

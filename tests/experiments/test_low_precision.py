@@ -47,6 +47,8 @@ def test_table_pairs_each_arm_with_bf16_at_the_same_seed(tmp_path):
     assert gaps["bf16"]["late_loss"] == pytest.approx([1.1, 1.5])
     assert gaps["fp8_activations"]["gap"] == pytest.approx([0.02, 0.02])
     assert gaps["f32"]["gap"] == pytest.approx([-0.2])
+    assert gaps["fp8_activations"]["exact_gap"] == pytest.approx([-25.0, -25.0])  # points
+    assert gaps["f32"]["exact_gap"] == pytest.approx([25.0])
 
     summary = ablate.write_outputs("low_precision", workdir)
     assert summary["fp8_activations"]["eval/mean_exact"]["mean"] == pytest.approx(25.0)  # percent
@@ -56,7 +58,8 @@ def test_table_pairs_each_arm_with_bf16_at_the_same_seed(tmp_path):
     assert "tokens text / vision" not in md and "report:" not in md  # a text-only ablation with no published row
     assert "- Mean exact match: f32 > bf16 > fp8_activations" in md and "- final train loss" not in md
     assert "standard deviation of the bf16 arm: 0.2828" in md
-    assert "| fp8_activations (n=2) | 1.3200 ± 0.2000 | +0.0200 ± 0.0000 | +0.0200, +0.0200 |" in md
+    assert ("| fp8_activations (n=2) | 1.3200 ± 0.2000 | +0.0200 ± 0.0000 | +0.0200, +0.0200 | "
+            "-25.0 ± 0.0 (-25.0, -25.0) |") in md
     assert os.path.getsize(os.path.join(workdir, "curves.png")) > 10_000
     steps, losses = ablate.curves("low_precision", workdir)["train"]["bf16"]
     assert steps == list(range(20, 161, 20)) and losses[-1] == pytest.approx(1.4)  # averaged over seeds
