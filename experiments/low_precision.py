@@ -1,6 +1,6 @@
 """The quickstart under the K2 layout's two lossy memory savings, each alone and together, against seed noise.
 
-    python -m experiments.ablate low_precision --seeds 3 --workdir=/tmp/low_precision [--variant=smoke]
+    python -m experiments.ablate low_precision --seeds 6 --workdir=/tmp/low_precision [--variant=smoke]
 
 The K2 layout (experiments/k2_full.py:layout) fits 80 GB partly by storing activation residuals in float8
 (`model.fp8_activations`) and the Muon momentum in bf16 (`optim.muon_mu_dtype`). Both round values the backward
