@@ -51,41 +51,49 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
 
 
-def late_loss(path: str) -> float:
-    """Mean logged train loss over the last LATE_FRACTION of a run's steps (a single step's batch is noisy)."""
-    records = [r for r in ablate.read_records(path) if "loss" in r]
-    last = records[-1]["step"]
-    late = [r["loss"] for r in records if r["step"] > last * (1 - LATE_FRACTION)]
-    return sum(late) / len(late)
-
-
-def final_exact(path: str) -> float:
-    """The run's final mean exact match (a fraction), from its last record that has one."""
-    return [r for r in ablate.read_records(path) if "eval/mean_exact" in r][-1]["eval/mean_exact"]
+def finished_runs(workdir: str, arm: str) -> dict[str, tuple[float, float]]:
+    """{seed directory: (late loss, final mean exact match in points)} over the arm's finished runs, each read
+    once. The late loss is the mean logged train loss over the last LATE_FRACTION of the steps (a single
+    step's batch is noisy)."""
+    root = os.path.join(workdir, arm)
+    out = {}
+    for seed in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        path = os.path.join(root, seed)
+        if not ablate.finished(path, COLUMNS):
+            continue
+        records = [r for r in ablate.read_records(path) if "loss" in r]
+        last = records[-1]["step"]
+        late = [r["loss"] for r in records if r["step"] > last * (1 - LATE_FRACTION)]
+        out[seed] = (sum(late) / len(late), 100 * records[-1]["eval/mean_exact"])
+    return out
 
 
 def paired_gaps(workdir: str) -> dict[str, dict[str, object]]:
     """{arm: {late_loss: [per seed], gap: [late loss minus BASE's at the same seed], exact_gap: [mean exact
     match minus BASE's at the same seed, in points]}} over finished runs."""
+    base = finished_runs(workdir, BASE)
     out: dict[str, dict[str, object]] = {}
     for arm in ARMS:
-        seeds = sorted(os.listdir(os.path.join(workdir, arm))) if os.path.isdir(os.path.join(workdir, arm)) else []
-        losses, gaps, exact_gaps = [], [], []
-        for seed in seeds:
-            path, base = os.path.join(workdir, arm, seed), os.path.join(workdir, BASE, seed)
-            if not ablate.finished(path, COLUMNS):
-                continue
-            losses.append(late_loss(path))
-            if ablate.finished(base, COLUMNS):
-                gaps.append(losses[-1] - late_loss(base))
-                exact_gaps.append(100 * (final_exact(path) - final_exact(base)))
-        if losses:
-            out[arm] = {"late_loss": losses, "gap": gaps, "exact_gap": exact_gaps}
+        runs = base if arm == BASE else finished_runs(workdir, arm)
+        paired = [seed for seed in runs if seed in base]
+        if runs:
+            out[arm] = {"late_loss": [loss for loss, _ in runs.values()],
+                        "gap": [runs[s][0] - base[s][0] for s in paired],
+                        "exact_gap": [runs[s][1] - base[s][1] for s in paired]}
     return out
 
 
+def _gap_cells(values: list[float], digits: int) -> tuple[str, str]:
+    """("mean ± SEM", "per-seed values") of paired gaps, signed, or ("-", "") when nothing is paired."""
+    if not values:
+        return "-", ""
+    mean, sem = ablate.mean_sem(values)
+    return f"{mean:+.{digits}f} ± {sem:.{digits}f}", ", ".join(f"{v:+.{digits}f}" for v in values)
+
+
 def table_notes(workdir: str) -> str:
-    """The paired comparison: each arm's late-loss gap to BASE at the same seed, next to the seeds' spread."""
+    """The paired comparison: each arm's late-loss and exact-match gaps to BASE at the same seed, next to the
+    seeds' spread."""
     data = paired_gaps(workdir)
     spread = data.get(BASE, {}).get("late_loss", [])
     sd = statistics.stdev(spread) if len(spread) > 1 else float("nan")
@@ -95,11 +103,9 @@ def table_notes(workdir: str) -> str:
              "|---|---|---|---|---|"]
     for arm, row in data.items():
         loss_mean, loss_sem = ablate.mean_sem(row["late_loss"])
-        gaps = row["gap"]
-        gap = "{:+.4f} ± {:.4f}".format(*ablate.mean_sem(gaps)) if gaps else "-"
-        exact = row["exact_gap"]
-        exact_cell = ("{:+.1f} ± {:.1f} (".format(*ablate.mean_sem(exact)) + ", ".join(f"{g:+.1f}" for g in exact)
-                      + ")") if exact else "-"
+        gap, per_seed = _gap_cells(row["gap"], 4)
+        exact, exact_per_seed = _gap_cells(row["exact_gap"], 1)
+        exact_cell = f"{exact} ({exact_per_seed})" if row["exact_gap"] else exact
         lines.append(f"| {arm} (n={len(row['late_loss'])}) | {loss_mean:.4f} ± {loss_sem:.4f} | {gap} | "
-                     + ", ".join(f"{g:+.4f}" for g in gaps) + f" | {exact_cell} |")
+                     f"{per_seed} | {exact_cell} |")
     return "\n".join(lines) + "\n"
