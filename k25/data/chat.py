@@ -230,13 +230,16 @@ def parse_assistant(text: str, *, thinking: bool | None = None) -> Message:
     the JSON text the model wrote; [] when none) and, when there are any, `invalid_tool_calls` (malformed or
     truncated calls, each with an 'error'; never dropped). `thinking` says whether the prompt opened a thinking block
     (`<think>`): then the text up to `</think>` (or to a tool section, which ends thinking implicitly) is the
-    reasoning. None: decide from the text (a `</think>` or a leading `<think>`).
+    reasoning. False: the prompt closed the block (`<think></think>`), so all of the text is the answer, and a
+    `</think>` the model writes anyway stays in the content (as vLLM's kimi_k2 reasoning parser reads it with
+    thinking off); this also keeps a streamed answer equal to this one. None: decide from the text (a `</think>`
+    or a leading `<think>`).
     """
-    if text.startswith(THINK):
+    if thinking is not False and text.startswith(THINK):
         text, thinking = text[len(THINK):], True
     text = text.split(IM_END, 1)[0]
     reasoning = None
-    if END_THINK in text:
+    if thinking is not False and END_THINK in text:
         reasoning, text = text.split(END_THINK, 1)
     elif thinking:
         cut = text.find(SECTION_BEGIN)

@@ -13,12 +13,7 @@ where `k25.data.chat.parse_assistant` reads the text the same whatever follows: 
 content outside the tool-call section, and a tool call once the next call or the section's end closes it
 (parsed by the format's own parser). When the choice ends, `finish(...)` sends what the non-streamed answer
 holds beyond what was streamed, so the streamed reasoning, content and tool calls add up to the non-streamed
-message exactly.
-
-One case cannot be streamed faithfully: with thinking off, `parse_assistant` makes everything before a
-`</think>` the model writes reasoning. The stream sends content as it comes, assuming no such `</think>` (the
-prompt already closed the thinking block, so the model has no reason to write one); if one comes, the deltas
-after it stop and the streamed content falls short of the non-streamed answer.
+message exactly. With thinking off there is no reasoning: a `</think>` the model writes anyway is content in both.
 """
 
 from __future__ import annotations
@@ -111,14 +106,14 @@ class TextStream:
 
 def stable_parts(text: str, thinking: bool) -> tuple[str, str, list[dict]]:
     """(reasoning, content, tool calls) of a completion's text so far that `parse_assistant` keeps as they are
-    (as prefixes, for the strings) whatever text follows; see the module docstring for the thinking-off case."""
+    (as prefixes, for the strings) whatever text follows. With thinking off everything is content, as there."""
     whole = text
-    if text.startswith(chat_fmt.THINK):
-        text, thinking = text[len(chat_fmt.THINK):], True
+    if thinking and text.startswith(chat_fmt.THINK):
+        text = text[len(chat_fmt.THINK):]
     if chat_fmt.IM_END in text:  # the turn is over: nothing after it counts
         msg = chat_fmt.parse_assistant(whole, thinking=thinking)
         return msg["reasoning_content"] or "", msg["content"] or "", msg["tool_calls"]
-    end = text.find(chat_fmt.END_THINK)
+    end = text.find(chat_fmt.END_THINK) if thinking else -1
     if end >= 0:
         reasoning, rest = text[:end], text[end + len(chat_fmt.END_THINK):]
     elif thinking:  # reasoning until `</think>` or a tool section; content only once `</think>` settles it

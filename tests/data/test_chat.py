@@ -200,6 +200,11 @@ def test_parse_reports_malformed_calls():
     assert chat.parse_assistant("still thinking", thinking=True) == {
         "role": "assistant", "content": None, "reasoning_content": "still thinking", "tool_calls": []}
     assert chat.parse_assistant("plain", thinking=False)["content"] == "plain"
+    # thinking off: the prompt closed the block, so think tags the model writes anyway are content
+    for text in ("a</think>b", "<think>a</think>b"):
+        msg = chat.parse_assistant(text + "<|im_end|>", thinking=False)
+        assert msg["content"] == text and msg["reasoning_content"] is None
+    assert chat.parse_assistant("a</think>b", thinking=None)["reasoning_content"] == "a"
 
 
 def test_forced_tool_prefix_is_the_start_of_a_call():

@@ -43,8 +43,8 @@ def engine_for(fmt) -> Engine:
     return Engine(sampler, fmt, model_name="x")
 
 
-def random_ids(fmt, rng, *, thinking: bool, bad_bytes: bool) -> list[int]:
-    pieces = [p for p in TEXT + MARKERS if thinking or p not in (chat.END_THINK, "</th")]  # see test_thinking_off_…
+def random_ids(fmt, rng, *, bad_bytes: bool) -> list[int]:
+    pieces = TEXT + MARKERS
     ids: list[int] = []
     for _ in range(int(rng.integers(1, 18))):
         piece = pieces[rng.integers(len(pieces))]
@@ -99,7 +99,7 @@ def test_detokenizer_releases_complete_characters_only(fmt):
 def test_random_completions_stream_to_the_non_streamed_message(fmt, thinking):
     rng = np.random.default_rng(int(thinking))
     for case in range(400):
-        ids = random_ids(fmt, rng, thinking=thinking, bad_bytes=True)
+        ids = random_ids(fmt, rng, bad_bytes=True)
         prefix = ["", chat.forced_tool_prefix(None, thinking=thinking),
                   chat.forced_tool_prefix("f", thinking=thinking)][case % 3]
         stop = [(), ("b a",), ("é<", "}")][case % 4 % 3]
@@ -149,19 +149,20 @@ def test_special_tokens_and_partial_markers_never_reach_content(fmt):
 
 
 def test_thinking_off_stray_end_of_thinking():
-    """With thinking off, a `</think>` the model writes makes the text before it reasoning in the non-streamed
-    answer; the stream has sent it as content already and cannot take it back (the documented exception)."""
+    """With thinking off the prompt closed the thinking block: a `</think>` the model writes anyway is content,
+    in the stream as in the non-streamed answer (which the stream had already sent part of)."""
     fmt = chat.byte_chat_format()
     live, msg, rest = streamed(fmt, fmt.encode_text("abc</think>def<|im_end|>"), thinking=False)
-    assert msg["reasoning_content"] == "abc" and msg["content"] == "def"
-    assert accumulate(live + rest)["content"] == "abc"
+    assert msg["reasoning_content"] is None and msg["content"] == "abc</think>def"
+    assert accumulate(live).get("content") == "abc</think>def" and not rest
+    assert_adds_up(live, msg, rest)
 
 
 def test_completion_text_stream_stops_where_the_answer_is_cut(fmt):
     engine = engine_for(fmt)
     rng = np.random.default_rng(3)
     for case in range(200):
-        ids = random_ids(fmt, rng, thinking=True, bad_bytes=True)
+        ids = random_ids(fmt, rng, bad_bytes=True)
         stop = [(), ("b a",), ("é", "x")][case % 3]
         s = TextStream(fmt, stop)
         live = "".join(s.push(t) for t in ids)
