@@ -223,6 +223,26 @@ def parse_tool_section(section: str) -> tuple[list[dict], list[dict]]:
     return valid, invalid
 
 
+def split_reasoning(text: str, thinking: bool | None) -> tuple[str | None, str, bool]:
+    """(reasoning or None, the text after it, whether a `</think>` closed it) of a completion cut at `<|im_end|>`.
+
+    `thinking` as in `parse_assistant`. Without a `</think>`, thinking-on reasoning runs to a tool section (which
+    ends thinking implicitly) or to the end; the stream (`k25.serve.stream`) relies on the flag to hold content
+    back until a `</think>` settles it.
+    """
+    if thinking is False:
+        return None, text, False
+    if text.startswith(THINK):
+        text, thinking = text[len(THINK):], True
+    if END_THINK in text:
+        reasoning, rest = text.split(END_THINK, 1)
+        return reasoning, rest, True
+    if not thinking:
+        return None, text, False
+    cut = text.find(SECTION_BEGIN)
+    return (text, "", False) if cut < 0 else (text[:cut], text[cut:], False)
+
+
 def parse_assistant(text: str, *, thinking: bool | None = None) -> Message:
     """A completion (the text after the generation prompt) -> an OpenAI-style assistant message.
 
@@ -235,15 +255,7 @@ def parse_assistant(text: str, *, thinking: bool | None = None) -> Message:
     thinking off); this also keeps a streamed answer equal to this one. None: decide from the text (a `</think>`
     or a leading `<think>`).
     """
-    if thinking is not False and text.startswith(THINK):
-        text, thinking = text[len(THINK):], True
-    text = text.split(IM_END, 1)[0]
-    reasoning = None
-    if thinking is not False and END_THINK in text:
-        reasoning, text = text.split(END_THINK, 1)
-    elif thinking:
-        cut = text.find(SECTION_BEGIN)
-        reasoning, text = (text, "") if cut < 0 else (text[:cut], text[cut:])
+    reasoning, text, _ = split_reasoning(text.split(IM_END, 1)[0], thinking)
     content, has_section, section = text.partition(SECTION_BEGIN)
     msg: Message = {"role": "assistant", "content": None, "reasoning_content": reasoning or None, "tool_calls": []}
     if has_section:

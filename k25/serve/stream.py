@@ -107,20 +107,12 @@ class TextStream:
 def stable_parts(text: str, thinking: bool) -> tuple[str, str, list[dict]]:
     """(reasoning, content, tool calls) of a completion's text so far that `parse_assistant` keeps as they are
     (as prefixes, for the strings) whatever text follows. With thinking off everything is content, as there."""
-    whole = text
-    if thinking and text.startswith(chat_fmt.THINK):
-        text = text[len(chat_fmt.THINK):]
     if chat_fmt.IM_END in text:  # the turn is over: nothing after it counts
-        msg = chat_fmt.parse_assistant(whole, thinking=thinking)
+        msg = chat_fmt.parse_assistant(text, thinking=thinking)
         return msg["reasoning_content"] or "", msg["content"] or "", msg["tool_calls"]
-    end = text.find(chat_fmt.END_THINK) if thinking else -1
-    if end >= 0:
-        reasoning, rest = text[:end], text[end + len(chat_fmt.END_THINK):]
-    elif thinking:  # reasoning until `</think>` or a tool section; content only once `</think>` settles it
-        cut = text.find(chat_fmt.SECTION_BEGIN)
-        return (text if cut < 0 else text[:cut]), "", []
-    else:
-        reasoning, rest = "", text
+    reasoning, rest, ended = chat_fmt.split_reasoning(text, thinking)
+    if thinking and not ended:  # content only once a `</think>` settles where the reasoning ends
+        return reasoning or "", "", []
     content, opened, section = rest.partition(chat_fmt.SECTION_BEGIN)
     calls: list[dict] = []
     if opened:
@@ -130,7 +122,7 @@ def stable_parts(text: str, thinking: bool) -> tuple[str, str, list[dict]]:
         else:  # a call is complete once the next one begins
             body = body[:max(body.rfind(chat_fmt.CALL_BEGIN), 0)]
         calls = chat_fmt.parse_tool_section(body)[0]
-    return reasoning, content, calls
+    return reasoning or "", content, calls
 
 
 class ChatStream:
